@@ -1,0 +1,67 @@
+"""Exceptions that skproduct raises for bad input."""
+
+from __future__ import annotations
+
+__all__ = [
+    "BsonFormatError",
+    "BsonTruncatedError",
+    "ImageDecodeError",
+    "MissingImagesError",
+]
+
+
+class BsonFormatError(ValueError):
+    """A BSON file is not a valid sequence of product documents.
+
+    Attributes
+    ----------
+    path : str
+        The file.
+    offset : int
+        Byte offset of the offending document in the file.
+    position : int
+        Zero-based position of the offending product in the file.
+    reason : str
+        What is wrong.
+    """
+
+    def __init__(self, path: str, offset: int, position: int, reason: str):
+        self.path = str(path)
+        self.offset = int(offset)
+        self.position = int(position)
+        self.reason = reason
+        super().__init__(
+            f"{self.path}: product {self.position} at byte offset {self.offset}: {reason}"
+        )
+
+    def __reduce__(self):
+        return type(self), (self.path, self.offset, self.position, self.reason)
+
+
+class BsonTruncatedError(BsonFormatError):
+    """The file ends inside a document (an interrupted download or copy).
+
+    Pass ``on_truncated="warn"`` to :func:`skproduct.io.read_bson` to keep the
+    whole documents before the truncated tail.
+    """
+
+
+class ImageDecodeError(ValueError):
+    """An image reference could not be turned into an RGB picture."""
+
+
+class MissingImagesError(FileNotFoundError):
+    """Image files named by a table are missing or unreadable.
+
+    Attributes
+    ----------
+    problems : list of tuple
+        ``(row, filename, path_tried, what)`` for every bad row.
+    """
+
+    def __init__(self, message: str, problems: list[tuple[int, str, str, str]]):
+        self.problems = problems
+        super().__init__(message)
+
+    def __reduce__(self):
+        return type(self), (self.args[0], self.problems)
