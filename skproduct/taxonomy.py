@@ -1,0 +1,389 @@
+"""A category tree whose nodes are paths, with vectorised maps between leaves and levels."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["CategoryTree"]
+
+_CDISCOUNT_LEVELS = ("category_level1", "category_level2", "category_level3")
+_NAMES_SHOWN = 5
+
+
+def _show(values: Iterable[Any]) -> str:
+    values = list(values)
+    shown = ", ".join(repr(v.item() if isinstance(v, np.generic) else v) for v in values[:_NAMES_SHOWN])
+    return shown + (f" and {len(values) - _NAMES_SHOWN} more" if len(values) > _NAMES_SHOWN else "")
+
+
+class CategoryTree:
+    """A catalogue's category tree: every leaf a label, every node a path of names.
+
+    Nodes are identified by their *path* from the top, never by their name
+    alone: Cdiscount has 483 level-2 names but 486 level-2 nodes, because a
+    name such as ``"ACCESSOIRES"`` sits under several level-1 nodes. All leaves
+    are at the same depth. Levels are counted from 0 (the top level,
+    Cdiscount's ``category_level1``) to ``depth - 1`` (the leaves).
+
+    Build one with :meth:`from_csv`, :meth:`from_frame` or :meth:`from_paths`.
+
+    Parameters
+    ----------
+    leaves : sequence
+        Leaf labels (for example Cdiscount's integer ``category_id``), one per path.
+    paths : sequence of sequence of str
+        The names from the top level down to the leaf, one path per leaf.
+
+    Attributes
+    ----------
+    leaves : numpy.ndarray
+        The leaf labels, sorted (the order of ``classes_`` in estimators).
+    depth : int
+        The number of levels.
+    level_sizes : tuple of int
+        The number of nodes at each level.
+
+    Examples
+    --------
+    >>> tree = CategoryTree.from_paths(
+    ...     [("Home", "Kitchen", "Pans"), ("Home", "Garden", "Pans"), ("Toys", "Games", "Chess")],
+    ...     leaves=[10, 11, 20],
+    ... )
+    >>> tree.level_sizes
+    (2, 3, 3)
+    >>> tree.path(11)
+    ('Home', 'Garden', 'Pans')
+    >>> tree.encode([20, 10])
+    array([[1, 2, 2],
+           [0, 1, 0]])
+    >>> tree.children(("Home",))
+    [('Home', 'Garden'), ('Home', 'Kitchen')]
+    """
+
+    def __init__(self, leaves: Sequence[Any], paths: Sequence[Sequence[str]]):
+        leaves = np.asarray(leaves)
+        paths = [tuple(path) for path in paths]
+        if leaves.ndim != 1 or len(leaves) != len(paths):
+            raise ValueError(f"got {leaves.size} leaf labels for {len(paths)} paths; give one label per path")
+        if not paths:
+            raise ValueError("a CategoryTree needs at least one leaf")
+        _check_paths(leaves, paths)
+        order = np.argsort(leaves, kind="stable")
+        self._leaves = leaves[order]
+        self._leaves.flags.writeable = False
+        self._paths = [paths[i] for i in order]
+        self._build_levels()
+
+    def _build_levels(self) -> None:
+        depth = len(self._paths[0])
+        self._levels: list[list[tuple[str, ...]]] = []
+        self._node_code: list[dict[tuple[str, ...], int]] = []
+        codes = np.empty((len(self._paths), depth), dtype=np.intp)
+        for level in range(depth):
+            prefixes = [path[: level + 1] for path in self._paths]
+            if level == depth - 1:
+                nodes = prefixes  # leaves keep the order of the sorted leaf labels
+            else:
+                nodes = sorted(set(prefixes))
+            lookup = {node: code for code, node in enumerate(nodes)}
+            codes[:, level] = [lookup[prefix] for prefix in prefixes]
+            self._levels.append(nodes)
+            self._node_code.append(lookup)
+        codes.flags.writeable = False
+        self._codes = codes
+        self._parent_codes = [np.full(len(self._levels[0]), -1, dtype=np.intp)]
+        for level in range(1, depth):
+            parents = np.empty(len(self._levels[level]), dtype=np.intp)
+            parents[codes[:, level]] = codes[:, level - 1]
+            self._parent_codes.append(parents)
+        self._leaf_lookup = pd.Index(self._leaves)
+
+    # -- constructors ------------------------------------------------------
+    @classmethod
+    def from_frame(
+        cls, frame: pd.DataFrame, leaf_column: str = "category_id", level_columns: Sequence[str] | None = None
+    ) -> CategoryTree:
+        """Build the tree from a frame with one row per leaf.
+
+        Parameters
+        ----------
+        frame : pandas.DataFrame
+            One row per leaf.
+        leaf_column : str, default="category_id"
+            The column of leaf labels.
+        level_columns : sequence of str, optional
+            The name columns from the top level down. Defaults to every other
+            column, in order.
+
+        Returns
+        -------
+        CategoryTree
+        """
+        if leaf_column not in frame.columns:
+            raise KeyError(f"the frame has no leaf column {leaf_column!r} (columns: {list(frame.columns)})")
+        if level_columns is None:
+            level_columns = [c for c in frame.columns if c != leaf_column]
+        missing = [c for c in level_columns if c not in frame.columns]
+        if missing or not level_columns:
+            raise KeyError(f"the frame lacks the level columns {missing or 'it needs'} (columns: {list(frame.columns)})")
+        names = frame[list(level_columns)]
+        empty = names.isna().any(axis=1) | (names.astype(str) == "").any(axis=1)
+        if empty.any():
+            rows = list(frame.index[empty.to_numpy()])
+            raise ValueError(f"rows {_show(rows)} have an empty category name in {list(level_columns)}")
+        paths = list(names.astype(str).itertuples(index=False, name=None))
+        return cls(frame[leaf_column].to_numpy(), paths)
+
+    @classmethod
+    def from_csv(
+        cls,
+        path: str | os.PathLike,
+        leaf_column: str = "category_id",
+        level_columns: Sequence[str] | None = _CDISCOUNT_LEVELS,
+        **read_csv_kwargs: Any,
+    ) -> CategoryTree:
+        """Read the tree from a CSV with one row per leaf (Cdiscount's ``category_names.csv``).
+
+        Parameters
+        ----------
+        path : str or path-like
+            The CSV file.
+        leaf_column : str, default="category_id"
+            The column of leaf labels.
+        level_columns : sequence of str or None, default=("category_level1", "category_level2", "category_level3")
+            The name columns from the top level down; ``None`` takes every
+            column but the leaf column, in file order.
+        **read_csv_kwargs
+            Passed to :func:`pandas.read_csv` (for example ``sep`` or ``encoding``).
+
+        Returns
+        -------
+        CategoryTree
+        """
+        header = pd.read_csv(path, nrows=0, **read_csv_kwargs).columns
+        if level_columns is None:
+            level_columns = [c for c in header if c != leaf_column]
+        missing = [c for c in [leaf_column, *level_columns] if c not in header]
+        if missing:
+            raise KeyError(
+                f"{os.fspath(path)} has no column(s) {missing} (columns: {list(header)}); "
+                "pass leaf_column= and level_columns="
+            )
+        dtypes = {c: str for c in level_columns}
+        frame = pd.read_csv(path, dtype=dtypes, keep_default_na=False, **read_csv_kwargs)
+        return cls.from_frame(frame, leaf_column, level_columns)
+
+    @classmethod
+    def from_paths(cls, paths: Iterable[Sequence[str]], leaves: Sequence[Any] | None = None) -> CategoryTree:
+        """Build the tree from leaf paths.
+
+        Parameters
+        ----------
+        paths : iterable of sequence of str
+            One path of names (top level first) per leaf.
+        leaves : sequence, optional
+            The leaf labels. Defaults to the last name of each path, which
+            must then be unique.
+
+        Returns
+        -------
+        CategoryTree
+        """
+        paths = [tuple(str(name) for name in path) for path in paths]
+        if leaves is None:
+            leaves = [path[-1] if path else "" for path in paths]
+            counts = pd.Series(leaves).value_counts()
+            repeated = counts.index[counts > 1]
+            if len(repeated):
+                raise ValueError(
+                    f"the leaf names {_show(repeated)} appear under several parents; "
+                    "pass leaves= with a unique label for each path"
+                )
+        return cls(leaves, paths)
+
+    # -- sizes -------------------------------------------------------------
+    @property
+    def leaves(self) -> np.ndarray:
+        return self._leaves
+
+    @property
+    def depth(self) -> int:
+        return len(self._levels)
+
+    @property
+    def level_sizes(self) -> tuple[int, ...]:
+        return tuple(len(nodes) for nodes in self._levels)
+
+    def __len__(self) -> int:
+        return len(self._leaves)
+
+    def __contains__(self, leaf: Any) -> bool:
+        try:
+            return bool(self._leaf_lookup.get_indexer([leaf])[0] >= 0)
+        except TypeError:
+            return False
+
+    def __repr__(self) -> str:
+        return f"CategoryTree(depth={self.depth}, level_sizes={self.level_sizes})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, CategoryTree):
+            return NotImplemented
+        return np.array_equal(self._leaves, other._leaves) and self._paths == other._paths
+
+    __hash__ = None
+
+    def __getstate__(self) -> dict:
+        return {"leaves": self._leaves, "paths": self._paths}
+
+    def __setstate__(self, state: dict) -> None:
+        self._leaves = state["leaves"]
+        self._paths = state["paths"]
+        self._build_levels()
+
+    # -- vectorised maps ---------------------------------------------------
+    def leaf_positions(self, y: Sequence[Any]) -> np.ndarray:
+        """Positions of leaf labels ``y`` in :attr:`leaves`.
+
+        Raises
+        ------
+        KeyError
+            Some labels are not leaves of the tree; the message names them.
+        """
+        y = np.asarray(y)
+        try:
+            positions = self._leaf_lookup.get_indexer(y.ravel())
+        except TypeError:
+            positions = np.full(y.size, -1)
+        if (positions < 0).any():
+            unknown = pd.unique(y.ravel()[positions < 0])
+            raise KeyError(f"{len(unknown)} labels are not leaves of the tree: {_show(unknown)}")
+        return positions.reshape(y.shape)
+
+    def encode(self, y: Sequence[Any]) -> np.ndarray:
+        """Integer node codes of each label's path, shape ``(n, depth)``.
+
+        Column ``level`` holds the code of the ancestor at that level, an index
+        into :meth:`nodes` ``(level)``; the last column is the leaf's position
+        in :attr:`leaves`.
+        """
+        return self._codes[self.leaf_positions(np.asarray(y).ravel())]
+
+    def level_labels(self, y: Sequence[Any], level: int) -> np.ndarray:
+        """The ancestor of each leaf label at ``level``, as an array of path tuples."""
+        nodes = self._nodes_array(level)
+        return nodes[self.encode(y)[:, self._check_level(level)]]
+
+    def decode(self, codes: Sequence[int], level: int | None = None) -> np.ndarray:
+        """Turn node codes at ``level`` back into nodes.
+
+        At the leaf level (the default) this gives leaf labels; at other levels,
+        path tuples.
+        """
+        level = self.depth - 1 if level is None else self._check_level(level)
+        codes = np.asarray(codes, dtype=np.intp)
+        if level == self.depth - 1:
+            return self._leaves[codes]
+        return self._nodes_array(level)[codes]
+
+    def parent_codes(self, level: int) -> np.ndarray:
+        """For each node at ``level``, the code of its parent at ``level - 1`` (``-1`` at the top)."""
+        return self._parent_codes[self._check_level(level)]
+
+    # -- single nodes ------------------------------------------------------
+    def nodes(self, level: int) -> list[tuple[str, ...]]:
+        """The nodes at ``level``, as path tuples, in code order."""
+        return list(self._levels[self._check_level(level)])
+
+    def path(self, leaf: Any) -> tuple[str, ...]:
+        """The names from the top level down to ``leaf``."""
+        return self._paths[int(self.leaf_positions([leaf])[0])]
+
+    def parent(self, node: Any) -> tuple[str, ...]:
+        """The parent of a node (path tuple) or of a leaf label; ``()`` is the root."""
+        return self._as_path(node)[:-1]
+
+    def children(self, node: Sequence[str] = ()) -> list[tuple[str, ...]]:
+        """The child nodes of ``node`` (a path tuple; ``()`` for the root), sorted."""
+        node = tuple(node)
+        level = len(node)
+        if level == 0:
+            return self.nodes(0)
+        if level >= self.depth or node not in self._node_code[level - 1]:
+            raise KeyError(f"{node!r} is not an inner node of the tree")
+        code = self._node_code[level - 1][node]
+        child_codes = np.flatnonzero(self._parent_codes[level] == code)
+        return sorted(self._levels[level][c] for c in child_codes)
+
+    def leaves_under(self, node: Sequence[str]) -> np.ndarray:
+        """The leaf labels below ``node`` (a path tuple)."""
+        node = tuple(node)
+        if not node:
+            return self._leaves.copy()
+        level = len(node) - 1
+        if level >= self.depth or node not in self._node_code[level]:
+            raise KeyError(f"{node!r} is not a node of the tree")
+        return self._leaves[self._codes[:, level] == self._node_code[level][node]]
+
+    def node_depth(self, node: Any) -> int:
+        """The depth of a node: 1 for the top level, :attr:`depth` for a leaf."""
+        return len(self._as_path(node))
+
+    def to_frame(self, leaf_column: str = "category_id", level_columns: Sequence[str] | None = None) -> pd.DataFrame:
+        """One row per leaf: its label and its names, sorted by label."""
+        if level_columns is None:
+            level_columns = [f"category_level{level + 1}" for level in range(self.depth)]
+        frame = pd.DataFrame(self._paths, columns=list(level_columns))
+        frame.insert(0, leaf_column, self._leaves)
+        return frame
+
+    # -- helpers -----------------------------------------------------------
+    def _check_level(self, level: int) -> int:
+        if not -self.depth <= level < self.depth:
+            raise IndexError(f"level {level} does not exist; the tree has levels 0 to {self.depth - 1}")
+        return level % self.depth
+
+    def _nodes_array(self, level: int) -> np.ndarray:
+        nodes = self._levels[self._check_level(level)]
+        out = np.empty(len(nodes), dtype=object)
+        out[:] = nodes
+        return out
+
+    def _as_path(self, node: Any) -> tuple[str, ...]:
+        if isinstance(node, tuple):
+            level = len(node) - 1
+            if 0 <= level < self.depth and node in self._node_code[level]:
+                return node
+            raise KeyError(f"{node!r} is not a node of the tree")
+        return self.path(node)
+
+
+def _check_paths(leaves: np.ndarray, paths: list[tuple[str, ...]]) -> None:
+    """Reject uneven depths, empty names, duplicate leaves and leaves under two parents."""
+    depths = {len(path) for path in paths}
+    if len(depths) != 1 or 0 in depths:
+        raise ValueError(f"every leaf must sit at the same depth of at least 1; got paths of lengths {sorted(depths)}")
+    if leaves.dtype == object and len({type(v) for v in leaves}) > 1:
+        raise TypeError(f"leaf labels must all be of one type, got {sorted({type(v).__name__ for v in leaves})}")
+    frame = pd.DataFrame({"leaf": leaves, "path": paths})
+    repeated = frame[frame["leaf"].duplicated(keep=False)]
+    if len(repeated):
+        by_leaf = repeated.groupby("leaf", sort=False)["path"].agg(lambda p: sorted(set(p)))
+        two_parents = by_leaf[by_leaf.map(len) > 1]
+        if len(two_parents):
+            leaf, parents = next(iter(two_parents.items()))
+            raise ValueError(
+                f"{len(two_parents)} leaves sit under two parents, for example {leaf!r} under "
+                f"{' and '.join(map(repr, parents))}; a leaf label must name one path"
+            )
+        raise ValueError(f"duplicate leaf labels: {_show(by_leaf.index)} appear on several rows")
+    shared = frame[frame["path"].duplicated(keep=False)]
+    if len(shared):
+        path = shared["path"].iloc[0]
+        labels = shared.loc[shared["path"] == path, "leaf"]
+        raise ValueError(f"the leaves {_show(labels)} share the path {path!r}; each leaf needs its own path")
