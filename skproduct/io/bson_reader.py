@@ -1,0 +1,102 @@
+"""Read a Cdiscount-style BSON file into a frame of products with lazy picture references."""
+
+from __future__ import annotations
+
+import os
+
+import pandas as pd
+
+from .bson_refs import BsonImagesArray
+from .bson_sidecar import load_index
+
+_ON_TRUNCATED = ("raise", "warn")
+
+
+def read_bson(
+    path: str | os.PathLike,
+    *,
+    on_truncated: str = "raise",
+    index_path: str | os.PathLike | None = None,
+    rebuild_index: bool = False,
+) -> pd.DataFrame:
+    """Read a BSON file of products (Cdiscount's layout) without loading its pictures.
+
+    Each document holds an ``_id``, an optional ``category_id`` and an ``imgs``
+    array of ``{"picture": <JPEG bytes>}``, in any field order; other fields are
+    ignored. The first call scans the file once and saves an offset index in a
+    sidecar file (``<path>.skpidx.npz``, or skproduct's cache folder when the
+    file's folder cannot be written); later calls read the sidecar, and a file
+    whose size or modification time changed is scanned again. Memory grows with
+    the number of products, not with the size of the file.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The ``.bson`` file (for example Cdiscount's ``train.bson`` or
+        ``test.bson``).
+    on_truncated : {"raise", "warn"}, default="raise"
+        A file that ends inside a document (an interrupted download) raises
+        :class:`~skproduct.exceptions.BsonTruncatedError`; with ``"warn"`` the
+        whole products before the truncated tail are kept and a warning says so.
+    index_path : str or path-like, optional
+        Keep the offset index in this file instead of the automatic places.
+    rebuild_index : bool, default=False
+        Scan the file again even when a fresh index exists.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per product, in file order, with columns
+
+        - ``product_id``: the document's ``_id`` (int64, or strings for
+          non-integer ids);
+        - ``category_id``: nullable ``Int64``, all missing for a file without
+          labels (Cdiscount's ``test.bson``);
+        - ``n_images``: the number of pictures;
+        - ``images``: per product a list of
+          :class:`~skproduct.io.BsonImageRef`, each of which reads only its own
+          picture's bytes (``ref.read_bytes()``) and pickles small.
+
+    Raises
+    ------
+    BsonFormatError
+        The file is not BSON, or a document does not decode, or a product has
+        no picture. The message names the file, the byte offset and the
+        product's position.
+    BsonTruncatedError
+        The file ends inside a document and ``on_truncated="raise"``.
+
+    Examples
+    --------
+    >>> import tempfile, os
+    >>> from skproduct.datasets import write_synthetic_bson
+    >>> from skproduct.io import read_bson
+    >>> folder = tempfile.mkdtemp()
+    >>> path = write_synthetic_bson(os.path.join(folder, "train.bson"), n_products=5, random_state=0)
+    >>> products = read_bson(path)
+    >>> products.columns.tolist()
+    ['product_id', 'category_id', 'n_images', 'images']
+    >>> len(products)
+    5
+    >>> picture = products["images"][0][0].read_bytes()
+    >>> picture[:2] == b"\\xff\\xd8"  # a JPEG
+    True
+    """
+    if on_truncated not in _ON_TRUNCATED:
+        raise ValueError(f"on_truncated must be one of {_ON_TRUNCATED}, got {on_truncated!r}")
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no BSON file at {path!r}")
+    index = load_index(path, on_truncated=on_truncated, index_path=index_path, rebuild=rebuild_index)
+    category = pd.arrays.IntegerArray(index.category_id, ~index.has_category)
+    images = BsonImagesArray.from_index(
+        os.path.abspath(path), index.product_id, index.img_start, index.img_offset, index.img_length
+    )
+    return pd.DataFrame(
+        {
+            "product_id": index.product_id,
+            "category_id": category,
+            "n_images": index.n_images,
+            "images": images,
+        }
+    )

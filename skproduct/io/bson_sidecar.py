@@ -1,0 +1,129 @@
+"""Keep a BSON file's offset index in a sidecar file, so that the next open is instant.
+
+The sidecar sits next to the BSON file (``train.bson.skpidx.npz``); when that
+folder cannot be written it goes to skproduct's cache folder instead. It records
+the size and modification time of the file it describes: a changed file makes
+it stale and it is rebuilt. Writes are atomic (temporary file, then rename), so
+a killed process never leaves a half-written sidecar behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .._paths import user_cache_dir
+from .bson_scan import BsonIndex, scan_bson, truncated_error, warn_truncated
+
+logger = logging.getLogger(__name__)
+
+SIDECAR_SUFFIX = ".skpidx.npz"
+_FORMAT_VERSION = 1
+_ARRAYS = ("product_id", "category_id", "has_category", "doc_offset", "img_start", "img_offset", "img_length")
+
+
+def sidecar_candidates(bson_path: str) -> list[Path]:
+    """Return where the sidecar of ``bson_path`` may live, preferred place first."""
+    absolute = os.path.abspath(bson_path)
+    digest = hashlib.sha1(absolute.encode("utf-8")).hexdigest()[:16]
+    name = os.path.basename(absolute)
+    return [
+        Path(absolute + SIDECAR_SUFFIX),
+        user_cache_dir("bson-index", f"{name}-{digest}{SIDECAR_SUFFIX}"),
+    ]
+
+
+def _file_signature(path: str) -> dict:
+    stat = os.stat(path)
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def load_index(
+    bson_path: str,
+    *,
+    on_truncated: str = "raise",
+    index_path: str | os.PathLike | None = None,
+    rebuild: bool = False,
+) -> BsonIndex:
+    """Return the index of ``bson_path``, from its sidecar when that is fresh.
+
+    Parameters
+    ----------
+    bson_path : str
+        The BSON file.
+    on_truncated : {"raise", "warn"}
+        Passed to :func:`~skproduct.io.bson_scan.scan_bson`; also applied to a
+        sidecar that recorded a truncated tail.
+    index_path : str or path-like, optional
+        Read and write the sidecar here instead of the automatic places.
+    rebuild : bool, default=False
+        Ignore any existing sidecar.
+    """
+    signature = _file_signature(bson_path)
+    candidates = [Path(index_path)] if index_path is not None else sidecar_candidates(bson_path)
+    if not rebuild:
+        for candidate in candidates:
+            index = _read_sidecar(candidate, signature)
+            if index is not None:
+                logger.debug("read the index of %s from %s", bson_path, candidate)
+                _apply_truncation_policy(bson_path, index, on_truncated)
+                return index
+    index = scan_bson(bson_path, on_truncated=on_truncated)
+    for candidate in candidates:
+        if _write_sidecar(candidate, index, signature):
+            logger.info("indexed %d products of %s into %s", len(index), bson_path, candidate)
+            break
+    else:
+        logger.warning("could not save the index of %s anywhere; the next open will scan it again", bson_path)
+    return index
+
+
+def _apply_truncation_policy(bson_path: str, index: BsonIndex, on_truncated: str) -> None:
+    if index.truncated_offset < 0:
+        return
+    reason = "the file ends inside this document"
+    if on_truncated == "warn":
+        warn_truncated(bson_path, index.truncated_offset, len(index), reason)
+        return
+    raise truncated_error(bson_path, index.truncated_offset, len(index), reason)
+
+
+def _read_sidecar(candidate: Path, signature: dict) -> BsonIndex | None:
+    try:
+        with np.load(candidate, allow_pickle=False) as stored:
+            meta = json.loads(str(stored["meta"]))
+            if meta.get("version") != _FORMAT_VERSION or meta.get("source") != signature:
+                logger.info("the index %s is stale; rebuilding it", candidate)
+                return None
+            arrays = {name: stored[name] for name in _ARRAYS}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError) as exc:
+        logger.warning("ignoring the unreadable index %s (%s); rebuilding it", candidate, exc)
+        return None
+    return BsonIndex(**arrays, truncated_offset=int(meta["truncated_offset"]))
+
+
+def _write_sidecar(candidate: Path, index: BsonIndex, signature: dict) -> bool:
+    meta = {"version": _FORMAT_VERSION, "source": signature, "truncated_offset": index.truncated_offset}
+    try:
+        candidate.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=candidate.parent, prefix=candidate.name, suffix=".tmp")
+    except OSError as exc:
+        logger.debug("cannot write an index into %s: %s", candidate.parent, exc)
+        return False
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, meta=np.array(json.dumps(meta)), **{name: getattr(index, name) for name in _ARRAYS})
+        os.replace(tmp, candidate)
+        return True
+    except OSError as exc:
+        logger.debug("cannot write an index to %s: %s", candidate, exc)
+        Path(tmp).unlink(missing_ok=True)
+        return False
