@@ -218,7 +218,7 @@ def test_memory_grows_with_products_not_file_size(tmp_path):
 def test_sidecar_is_reused_then_rebuilt_after_a_change(tmp_path, monkeypatch):
     path = _write(tmp_path / "t.bson", [{"_id": i, "imgs": [{"picture": b"x"}]} for i in range(3)])
     read_bson(path)
-    assert Path(str(path) + ".skpidx.npz").exists()
+    assert Path(str(path) + ".skpidx").exists()
 
     def no_scan(*args, **kwargs):
         raise AssertionError("the sidecar should have been used")
@@ -236,11 +236,11 @@ def test_sidecar_is_reused_then_rebuilt_after_a_change(tmp_path, monkeypatch):
 
 def test_sidecar_falls_back_to_the_cache_folder(tmp_path, monkeypatch):
     path = _write(tmp_path / "t.bson", [{"_id": 1, "imgs": [{"picture": b"x"}]}])
-    Path(str(path) + ".skpidx.npz").mkdir()  # the preferred place cannot take a file
+    Path(str(path) + ".skpidx").mkdir()  # the preferred place cannot take a file
     cache = tmp_path / "cache"
     monkeypatch.setenv("SKPRODUCT_CACHE_DIR", str(cache))
     assert len(read_bson(path)) == 1
-    saved = list((cache / "bson-index").glob("t.bson-*.skpidx.npz"))
+    saved = list((cache / "bson-index").glob("t.bson-*.skpidx"))
     assert len(saved) == 1
     monkeypatch.setattr(bson_sidecar, "scan_bson", lambda *a, **k: pytest.fail("should reuse the cached index"))
     assert len(read_bson(path)) == 1
@@ -249,7 +249,7 @@ def test_sidecar_falls_back_to_the_cache_folder(tmp_path, monkeypatch):
 def test_corrupt_sidecar_is_rebuilt(tmp_path):
     path = _write(tmp_path / "t.bson", [{"_id": 1, "imgs": [{"picture": b"x"}]}])
     read_bson(path)
-    Path(str(path) + ".skpidx.npz").write_bytes(b"garbage")
+    Path(str(path) + ".skpidx").write_bytes(b"garbage")
     assert read_bson(path)["product_id"].tolist() == [1]
 
 

@@ -24,7 +24,7 @@ def read_bson(
     Each document holds an ``_id``, an optional ``category_id`` and an ``imgs``
     array of ``{"picture": <JPEG bytes>}``, in any field order; other fields are
     ignored. The first call scans the file once and saves an offset index in a
-    sidecar file (``<path>.skpidx.npz``, or skproduct's cache folder when the
+    sidecar file (``<path>.skpidx``, or skproduct's cache folder when the
     file's folder cannot be written); later calls read the sidecar, and a file
     whose size or modification time changed is scanned again. Memory grows with
     the number of products, not with the size of the file.

@@ -1,6 +1,6 @@
 """Keep a BSON file's offset index in a sidecar file, so that the next open is instant.
 
-The sidecar sits next to the BSON file (``train.bson.skpidx.npz``); when that
+The sidecar sits next to the BSON file (``train.bson.skpidx``: a short JSON header, then the raw index arrays); when that
 folder cannot be written it goes to skproduct's cache folder instead. It records
 the size and modification time of the file it describes: a changed file makes
 it stale and it is rebuilt. Writes are atomic (temporary file, then rename), so
@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import struct
 import tempfile
 from pathlib import Path
 
@@ -23,8 +24,11 @@ from .bson_scan import BsonIndex, scan_bson, truncated_error, warn_truncated
 
 logger = logging.getLogger(__name__)
 
-SIDECAR_SUFFIX = ".skpidx.npz"
+SIDECAR_SUFFIX = ".skpidx"
 _FORMAT_VERSION = 1
+_MAGIC = b"SKPIDX\x00\x01"
+_HEADER_LENGTH = struct.Struct("<Q")
+_ALIGNMENT = 64
 _ARRAYS = ("product_id", "category_id", "has_category", "doc_offset", "img_start", "img_offset", "img_length")
 
 
@@ -96,22 +100,57 @@ def _apply_truncation_policy(bson_path: str, index: BsonIndex, on_truncated: str
 
 def _read_sidecar(candidate: Path, signature: dict) -> BsonIndex | None:
     try:
-        with np.load(candidate, allow_pickle=False) as stored:
-            meta = json.loads(str(stored["meta"]))
-            if meta.get("version") != _FORMAT_VERSION or meta.get("source") != signature:
+        with open(candidate, "rb") as f:
+            if f.read(len(_MAGIC)) != _MAGIC:
+                raise ValueError("not an skproduct index file")
+            header_length = _HEADER_LENGTH.unpack(f.read(_HEADER_LENGTH.size))[0]
+            header = json.loads(f.read(header_length))
+            data_start = _aligned(len(_MAGIC) + _HEADER_LENGTH.size + header_length)
+            if header.get("version") != _FORMAT_VERSION or header.get("source") != signature:
                 logger.info("the index %s is stale; rebuilding it", candidate)
                 return None
-            arrays = {name: stored[name] for name in _ARRAYS}
+            arrays = {}
+            for name, dtype, count, offset in header["arrays"]:
+                f.seek(data_start + offset)
+                arrays[name] = np.fromfile(f, dtype=np.dtype(dtype), count=count)
+                if len(arrays[name]) != count:
+                    raise ValueError(f"the array {name} is cut short")
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
         logger.warning("ignoring the unreadable index %s (%s); rebuilding it", candidate, exc)
         return None
-    return BsonIndex(**arrays, truncated_offset=int(meta["truncated_offset"]))
+    return BsonIndex(**arrays, truncated_offset=int(header["truncated_offset"]))
+
+
+def _encode_sidecar(index: BsonIndex, signature: dict) -> list[bytes | np.ndarray]:
+    """The sidecar's pieces: magic, header length, JSON header, then each array at an aligned offset.
+
+    Array offsets in the header count from the start of the data, which is the
+    first aligned position after the header.
+    """
+    arrays = [np.ascontiguousarray(getattr(index, name)) for name in _ARRAYS]
+    layout, offset = [], 0
+    for name, array in zip(_ARRAYS, arrays):
+        layout.append([name, array.dtype.str, len(array), offset])
+        offset = _aligned(offset + array.nbytes)
+    meta = {"version": _FORMAT_VERSION, "source": signature, "truncated_offset": index.truncated_offset, "arrays": layout}
+    header = json.dumps(meta).encode("utf-8")
+    pieces: list[bytes | np.ndarray] = [_MAGIC, _HEADER_LENGTH.pack(len(header)), header]
+    position = len(_MAGIC) + _HEADER_LENGTH.size + len(header)
+    data_start = _aligned(position)
+    for (_, _, _, offset), array in zip(layout, arrays):
+        pieces.append(b"\0" * (data_start + offset - position))
+        pieces.append(array)
+        position = data_start + offset + array.nbytes
+    return pieces
+
+
+def _aligned(offset: int) -> int:
+    return -(-offset // _ALIGNMENT) * _ALIGNMENT
 
 
 def _write_sidecar(candidate: Path, index: BsonIndex, signature: dict) -> bool:
-    meta = {"version": _FORMAT_VERSION, "source": signature, "truncated_offset": index.truncated_offset}
     try:
         candidate.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=candidate.parent, prefix=candidate.name, suffix=".tmp")
@@ -120,7 +159,8 @@ def _write_sidecar(candidate: Path, index: BsonIndex, signature: dict) -> bool:
         return False
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, meta=np.array(json.dumps(meta)), **{name: getattr(index, name) for name in _ARRAYS})
+            for piece in _encode_sidecar(index, signature):
+                f.write(piece.tobytes() if isinstance(piece, np.ndarray) else piece)
         os.replace(tmp, candidate)
         return True
     except OSError as exc:
