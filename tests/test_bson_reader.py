@@ -17,8 +17,7 @@ from hypothesis import strategies as st
 
 from skproduct.exceptions import BsonFormatError, BsonTruncatedError
 from skproduct.images import load_image
-from skproduct.io import BsonImageRef, read_bson
-from skproduct.io import bson_sidecar
+from skproduct.io import BsonImageRef, bson_sidecar, read_bson
 
 
 def _decoded(path) -> list[dict]:
