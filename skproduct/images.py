@@ -101,7 +101,7 @@ def load_image(ref: Any):
             return _to_rgb(image)
     except FileNotFoundError as exc:
         raise ImageDecodeError(f"{describe_image_ref(ref)} does not exist") from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
         raise ImageDecodeError(f"{describe_image_ref(ref)} is not a decodable image: {exc}") from exc
 
 

@@ -242,7 +242,8 @@ class CategoryTree:
         return {"leaves": self._leaves, "paths": self._paths}
 
     def __setstate__(self, state: dict) -> None:
-        self._leaves = state["leaves"]
+        self._leaves = np.array(state["leaves"])
+        self._leaves.flags.writeable = False
         self._paths = state["paths"]
         self._build_levels()
 
@@ -287,6 +288,9 @@ class CategoryTree:
         """
         level = self.depth - 1 if level is None else self._check_level(level)
         codes = np.asarray(codes, dtype=np.intp)
+        size = self.level_sizes[level]
+        if codes.size and (codes.min() < 0 or codes.max() >= size):
+            raise IndexError(f"codes at level {level} run from 0 to {size - 1}; got {codes.min()} to {codes.max()}")
         if level == self.depth - 1:
             return self._leaves[codes]
         return self._nodes_array(level)[codes]
@@ -368,6 +372,11 @@ def _check_paths(leaves: np.ndarray, paths: list[tuple[str, ...]]) -> None:
     depths = {len(path) for path in paths}
     if len(depths) != 1 or 0 in depths:
         raise ValueError(f"every leaf must sit at the same depth of at least 1; got paths of lengths {sorted(depths)}")
+    empty = [path for path in paths if any(not isinstance(name, str) or not name for name in path)]
+    if empty:
+        raise ValueError(f"{len(empty)} paths have an empty category name, for example {empty[0]!r}")
+    if pd.isna(leaves).any():
+        raise ValueError(f"{int(pd.isna(leaves).sum())} leaf labels are missing (NaN or None); every leaf needs a label")
     if leaves.dtype == object and len({type(v) for v in leaves}) > 1:
         raise TypeError(f"leaf labels must all be of one type, got {sorted({type(v).__name__ for v in leaves})}")
     frame = pd.DataFrame({"leaf": leaves, "path": paths})

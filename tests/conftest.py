@@ -54,6 +54,6 @@ def read_shared_bson(tmp_path):
     from skproduct.io import read_bson
 
     def read(path, **kwargs):
-        return read_bson(path, index_path=tmp_path / (Path(path).name + ".idx.npz"), **kwargs)
+        return read_bson(path, index_path=tmp_path / (Path(path).name + ".skpidx"), **kwargs)
 
     return read

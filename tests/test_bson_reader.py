@@ -341,3 +341,103 @@ def test_scan_results_are_plain_arrays(tmp_path):
     assert frame["images"].array.nbytes > 0
     assert isinstance(frame["images"][0], list)
     assert np.asarray(frame["images"]).dtype == object
+
+
+@pytest.mark.parametrize("declared", [-1, 3, 10**9, 2**31 - 1])
+def test_corrupt_length_prefix_mid_file_is_not_truncation(tmp_path, declared):
+    documents = [bson.encode({"_id": i, "imgs": [{"picture": b"p" * 40}], "category_id": 1}) for i in range(3)]
+    offset = len(documents[0])
+    documents[1] = declared.to_bytes(4, "little", signed=True) + documents[1][4:]
+    path = tmp_path / "bad.bson"
+    path.write_bytes(b"".join(documents))
+    for on_truncated in ("raise", "warn"):  # never silently drops the rest of the file
+        with pytest.raises(BsonFormatError) as info:
+            read_bson(path, on_truncated=on_truncated, rebuild_index=True)
+        assert not isinstance(info.value, BsonTruncatedError)
+        assert (info.value.offset, info.value.position) == (offset, 1)
+        assert "length prefix is corrupt" in str(info.value)
+
+
+def _scan_both(path):
+    """Scan with the vectorised parser and with the reference parser: (index or error) for each."""
+    from skproduct.io import bson_scan
+    from skproduct.io.bson_batch import parse_batch, parse_batch_pure
+
+    outcomes = []
+    for parse in (parse_batch, parse_batch_pure):
+        try:
+            outcomes.append(bson_scan._scan(str(path), "raise", parse)[0])
+        except BsonFormatError as exc:
+            outcomes.append(exc)
+    return outcomes
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 255)), min_size=1, max_size=4), data=st.data())
+def test_corrupted_files_fail_cleanly_and_both_parsers_agree(tmp_path_factory, flips, data):
+    folder = tmp_path_factory.mktemp("flips")
+    documents = [
+        _document(
+            {"_id": i, "pictures": [b"%d" % i * (i + 3)] * (1 + i % 3), "category_id": i, "extra": {"title": "t"}},
+            data.draw(st.permutations(["_id", "imgs", "category_id", "title"])),
+        )
+        for i in range(5)
+    ]
+    whole = bytearray(b"".join(bson.encode(doc) for doc in documents))
+    for at, xor in flips:
+        whole[at % len(whole)] ^= xor
+    path = folder / "flipped.bson"
+    path.write_bytes(bytes(whole))
+
+    fast, reference = _scan_both(path)
+    if isinstance(reference, BsonFormatError):
+        assert type(fast) is type(reference) and str(fast) == str(reference)
+    else:
+        for name in ("product_id", "category_id", "has_category", "doc_offset", "img_start", "img_offset", "img_length"):
+            assert np.array_equal(getattr(fast, name), getattr(reference, name)), name
+
+
+def test_both_parsers_agree_on_the_real_sample(cdiscount_sample):
+    fast, reference = _scan_both(cdiscount_sample)
+    assert np.array_equal(fast.img_offset, reference.img_offset)
+    assert np.array_equal(fast.product_id, reference.product_id)
+
+
+def test_sidecar_is_rebuilt_when_only_the_mtime_changes(tmp_path):
+    path = _write(tmp_path / "t.bson", [{"_id": 1, "imgs": [{"picture": b"ab"}], "category_id": 1}])
+    assert read_bson(path)["category_id"].tolist() == [1]
+    stat = path.stat()
+    _write(path, [{"_id": 1, "imgs": [{"picture": b"ab"}], "category_id": 2}])  # same size, new label
+    assert path.stat().st_size == stat.st_size
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert read_bson(path)["category_id"].tolist() == [2]
+
+
+def test_images_column_supports_common_pandas_operations(tmp_path):
+    path = _write(tmp_path / "t.bson", [{"_id": i, "imgs": [{"picture": b"%d" % i}] * (1 + i % 2)} for i in range(4)])
+    images = read_bson(path)["images"]
+    doubled = pd.concat([images, images], ignore_index=True)
+    assert len(doubled.unique()) == 4 and doubled.nunique() == 4
+    assert (images.array == images[2]).tolist() == [False, False, True, False]
+    exploded = images.explode()
+    assert len(exploded) == 6 and all(isinstance(ref, BsonImageRef) for ref in exploded)
+    assert exploded.index.tolist() == [0, 1, 1, 2, 3, 3]
+    assert images.astype(str)[0].startswith("[BsonImageRef(")
+    copied = images.array.copy()
+    assert not np.shares_memory(copied._start, images.array._start) and copied.equals(images.array)
+
+
+def test_sidecar_is_readable_by_other_users(tmp_path):
+    path = _write(tmp_path / "t.bson", [{"_id": 1, "imgs": [{"picture": b"x"}]}])
+    read_bson(path)
+    assert Path(str(path) + ".skpidx").stat().st_mode & 0o777 == 0o644
+
+
+def test_truncation_warning_points_at_the_caller(tmp_path):
+    whole = b"".join(bson.encode({"_id": i, "imgs": [{"picture": b"x" * 30}]}) for i in range(2))
+    path = tmp_path / "cut.bson"
+    path.write_bytes(whole[:-10])
+    for _ in range(2):  # the scan, then the saved index
+        with pytest.warns(UserWarning) as record:
+            read_bson(path, on_truncated="warn")
+        assert record[0].filename == __file__

@@ -95,6 +95,13 @@ def test_policy_raise_skip_blank(caplog):
         BadImagePolicy("ignore")
 
 
+def test_decompression_bombs_go_through_the_policy(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)
+    with pytest.raises(ImageDecodeError, match="is not a decodable image"):
+        load_image(_jpeg((40, 40)))
+    assert BadImagePolicy("skip").load(_jpeg((40, 40))) is None
+
+
 @settings(max_examples=80, deadline=None)
 @given(st.binary(max_size=400), st.sampled_from(["skip", "blank"]))
 def test_random_bytes_never_escape_the_policy(data, on_error):

@@ -34,8 +34,7 @@ def test_flat_layout_and_unlabelled_table(shopee_sample, tmp_path):
     table = read_table(tmp_path / "test.csv", flat)
     assert list(table.columns) == ["filename", "image"]
     assert table["image"].tolist() == [str(flat / name) for name in source["filename"]]
-    labelled = source[["filename", "category"]].to_csv(tmp_path / "labelled.csv", index=False)
-    assert labelled is None
+    source[["filename", "category"]].to_csv(tmp_path / "labelled.csv", index=False)
     assert read_table(tmp_path / "labelled.csv", flat, layout="flat")["category"].tolist() == source["category"].tolist()
 
 
@@ -90,6 +89,8 @@ def test_bad_arguments(tmp_path):
         read_table(csv, root, filename_column="file")
     with pytest.raises(ValueError, match="layout must be one of"):
         read_table(csv, root, layout="nested")
+    with pytest.raises(KeyError, match="no label column 'label'"):
+        read_table(csv, root, label_column="label")
     with pytest.raises(ValueError, match="needs the label column"):
-        read_table(csv, root, label_column="label", layout="by_label")
+        read_table(csv, root, label_column=None, layout="by_label")
     assert os.path.isfile(read_table(csv, root, layout="by_label")["image"][0])

@@ -74,6 +74,9 @@ def test_parent_children_depth():
         tree.children(("C",))
     with pytest.raises(IndexError, match="levels 0 to 2"):
         tree.nodes(3)
+    with pytest.raises(IndexError, match="run from 0 to 2"):
+        tree.decode([-1])
+    assert not pickle.loads(pickle.dumps(tree)).leaves.flags.writeable
 
 
 def test_unknown_labels_are_named():
@@ -97,6 +100,10 @@ def test_bad_trees_are_rejected():
         CategoryTree.from_paths([("A", "a"), ("B",)], leaves=[1, 2])
     with pytest.raises(ValueError, match="empty category name"):
         CategoryTree.from_frame(pd.DataFrame({"category_id": [1], "l1": [None]}))
+    with pytest.raises(ValueError, match="empty category name"):
+        CategoryTree.from_paths([("", "x")], leaves=[1])
+    with pytest.raises(ValueError, match="1 leaf labels are missing"):
+        CategoryTree.from_paths([("A", "x"), ("A", "y")], leaves=[1.0, float("nan")])
     with pytest.raises(KeyError, match="pass leaf_column= and level_columns="):
         CategoryTree.from_csv(__file__, leaf_column="nope")
 

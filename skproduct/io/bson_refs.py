@@ -80,7 +80,9 @@ class BsonImagesArray(ExtensionArray):
     Row ``i`` holds the pictures ``img_offset[start[i]:start[i] + count[i]]`` of
     file ``paths[path_code[i]]``; a row with ``count == -1`` is missing.
     Selecting rows (``take``, slicing, ``iloc``) shares the picture arrays and
-    copies only the per-row arrays.
+    copies only the per-row arrays. The array is read-only: assign a new
+    column rather than editing rows. ``Series.explode()`` gives one
+    :class:`BsonImageRef` per row.
     """
 
     def __init__(self, paths, path_code, product_id, start, count, img_offset, img_length):
@@ -159,7 +161,10 @@ class BsonImagesArray(ExtensionArray):
         return result
 
     def copy(self) -> BsonImagesArray:
-        return self._select(slice(None))
+        return BsonImagesArray(
+            self._paths, self._path_code.copy(), self._product_id.copy(), self._start.copy(),
+            self._count.copy(), self._img_offset.copy(), self._img_length.copy(),
+        )
 
     @classmethod
     def _concat_same_type(cls, to_concat: Sequence[BsonImagesArray]) -> BsonImagesArray:
@@ -219,16 +224,31 @@ class BsonImagesArray(ExtensionArray):
     def __eq__(self, other):
         mine = self.astype(object, tuples=True)
         if isinstance(other, BsonImagesArray):
-            theirs = other.astype(object, tuples=True)
-        else:
-            return NotImplemented
-        return np.array([a == b for a, b in zip(mine, theirs)], dtype=bool)
+            if len(other) != len(self):
+                raise ValueError(f"cannot compare {len(self)} rows with {len(other)} rows")
+            return np.array([a == b for a, b in zip(mine, other.astype(object, tuples=True))], dtype=bool)
+        if isinstance(other, (list, tuple)):  # one row, compared with every row
+            row = tuple(other)
+            return np.array([a == row for a in mine], dtype=bool)
+        return NotImplemented
+
+    def unique(self) -> BsonImagesArray:
+        codes, _ = pd.factorize(self.astype(object, tuples=True), use_na_sentinel=False)
+        _, first = np.unique(codes, return_index=True)
+        return self._select(np.sort(first))
+
+    def _explode(self) -> tuple[np.ndarray, np.ndarray]:
+        """One picture reference per row (a missing row stays one missing value)."""
+        rows = [row if row is not None else [None] for row in self]
+        values = np.empty(sum(map(len, rows)), dtype=object)
+        values[:] = [ref for row in rows for ref in row]
+        return values, np.array([len(row) for row in rows], dtype=np.uint64)
 
     def astype(self, dtype, copy: bool = True, tuples: bool = False):
         if isinstance(dtype, BsonImagesDtype):
             return self.copy() if copy else self
-        if np.dtype(dtype) != object:
-            raise TypeError(f"a BsonImagesArray cannot become {dtype}")
+        if pd.api.types.pandas_dtype(dtype) != np.dtype(object):
+            return super().astype(dtype, copy=copy)
         out = np.empty(len(self), dtype=object)
         for i in range(len(self)):
             row = self._row(i)

@@ -36,6 +36,9 @@ _unpack_int32 = struct.Struct("<i").unpack_from
 
 #: Bytes read at a time; a document larger than this is read whole.
 WINDOW_BYTES = 4 << 20
+#: BSON's document size limit (MongoDB's 16 MiB plus its 16 KiB allowance for
+#: internal fields); a longer declared length is a corrupt prefix.
+MAX_DOCUMENT_BYTES = 16 * 1024 * 1024 + 16 * 1024
 #: Spare bytes past the window, so that vectorised reads may overrun a document.
 _PADDING = 64
 
@@ -115,17 +118,17 @@ class _Window:
             n += got
         self.start, self.n = pos, n
 
-    def length_at(self, pos: int) -> tuple[int, int]:
+    def length_at(self, pos: int) -> tuple[int, int | None]:
         """Return where the document at file offset ``pos`` is in the buffer, and its length.
 
         The window moves to ``pos`` when fewer than 4 bytes of it are loaded;
-        the length is -1 when fewer than 4 bytes are left in the file.
+        the length is ``None`` when fewer than 4 bytes are left in the file.
         """
         rel = pos - self.start
         if rel + 4 > self.n:
             self.load(pos, WINDOW_BYTES)
             rel = 0
-        length = _unpack_int32(self.buf, rel)[0] if self.n - rel >= 4 else -1
+        length = _unpack_int32(self.buf, rel)[0] if self.n - rel >= 4 else None
         return rel, length
 
 
@@ -259,12 +262,15 @@ def _parse_window(
     return batch
 
 
-def _check_length(path: str, size: int, pos: int, position: int, length: int, first_type: int | None) -> str | None:
-    """Check the length a document declares (-1 when fewer than 4 bytes are left).
+def _check_length(
+    path: str, size: int, pos: int, position: int, length: int | None, first_type: int | None
+) -> str | None:
+    """Check the length a document declares (``None`` when fewer than 4 bytes are left).
 
-    A first document longer than the file is a truncated BSON file when its
-    first element type (``first_type``) is a BSON type, and not BSON at all
-    otherwise (a text file's first bytes read as a huge length).
+    A length below 5 or above :data:`MAX_DOCUMENT_BYTES` is a corrupt length
+    prefix, wherever it is. A plausible length that runs past the end of the
+    file is a truncated file; for the first document that also needs a BSON
+    element type after the prefix (``first_type``), or the file is not BSON at all.
 
     Returns
     -------
@@ -276,21 +282,27 @@ def _check_length(path: str, size: int, pos: int, position: int, length: int, fi
     BsonFormatError
         When the length is impossible.
     """
-    cut_first_document = length > size and first_type in ELEMENT_TYPES
-    if position == 0 and not (5 <= length <= size or cut_first_document):
+    plausible = length is not None and 5 <= length <= MAX_DOCUMENT_BYTES
+    if position == 0 and not (plausible and (length <= size or first_type in ELEMENT_TYPES)):
+        declared = "no length" if length is None else f"{length} bytes"
         raise BsonFormatError(
             path,
             pos,
             position,
-            f"not a BSON file of documents: the first document declares {length} bytes but the file has {size}",
+            f"not a BSON file of documents: the first document declares {declared} but the file has {size}",
         )
-    if length == -1 or pos + length > size:
-        return (
-            f"the file ends inside this document ({size - pos} of its "
-            f"{length if length > 0 else 'at least 5'} bytes are present)"
+    if length is None:
+        return f"the file ends inside this document (only {size - pos} bytes are present)"
+    if not plausible:
+        raise BsonFormatError(
+            path,
+            pos,
+            position,
+            f"the document declares a length of {length} bytes (BSON documents have 5 to {MAX_DOCUMENT_BYTES}): "
+            "its length prefix is corrupt",
         )
-    if length < 5:
-        raise BsonFormatError(path, pos, position, f"the document declares a length of {length} bytes")
+    if pos + length > size:
+        return f"the file ends inside this document ({size - pos} of its {length} bytes are present)"
     return None
 
 
@@ -316,7 +328,7 @@ def _assemble(batches: list[Batch], doc_offsets: list[np.ndarray], truncated_off
 def warn_truncated(path: str, offset: int, n_kept: int, reason: str) -> None:
     """Warn (and log) that ``path`` ends inside the document at ``offset``."""
     message = f"{path}: {reason} at byte offset {offset}; kept the {n_kept} whole products before it"
-    warnings.warn(message, UserWarning, stacklevel=4)
+    warnings.warn(message, UserWarning, stacklevel=5)  # the caller of read_bson
     logger.warning(message)
 
 

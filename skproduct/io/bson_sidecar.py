@@ -29,6 +29,7 @@ _FORMAT_VERSION = 1
 _MAGIC = b"SKPIDX\x00\x01"
 _HEADER_LENGTH = struct.Struct("<Q")
 _ALIGNMENT = 64
+_SIDECAR_MODE = 0o644  # readable by every user of the data, like the BSON file beside it
 _ARRAYS = ("product_id", "category_id", "has_category", "doc_offset", "img_start", "img_offset", "img_length")
 
 
@@ -161,6 +162,7 @@ def _write_sidecar(candidate: Path, index: BsonIndex, signature: dict) -> bool:
         with os.fdopen(fd, "wb") as f:
             for piece in _encode_sidecar(index, signature):
                 f.write(piece.tobytes() if isinstance(piece, np.ndarray) else piece)
+        os.chmod(tmp, _SIDECAR_MODE)
         os.replace(tmp, candidate)
         return True
     except OSError as exc:

@@ -16,6 +16,7 @@ _LAYOUTS = ("auto", "flat", "by_label")
 _CHECKS = ("exists", "decode", None)
 _ON_MISSING = ("raise", "drop")
 _EXAMPLES_SHOWN = 5
+_DEFAULT_LABEL_COLUMN = "category"
 
 
 def read_table(
@@ -47,8 +48,9 @@ def read_table(
         ``image_root/<label>`` in the per-category layout).
     label_column : str or None, default="category"
         The label column. Labels are kept exactly as written, as strings
-        (Shopee's ``"03"`` stays ``"03"``). ``None``, or a CSV without this
-        column, reads an unlabelled table.
+        (Shopee's ``"03"`` stays ``"03"``). ``None``, or the default when the
+        CSV has no ``category`` column, reads an unlabelled table; any other
+        name must be a column of the CSV.
     layout : {"auto", "flat", "by_label"}, default="auto"
         ``"flat"``: ``image_root/<filename>``; ``"by_label"``:
         ``image_root/<label>/<filename>``; ``"auto"``: per row, the per-label
@@ -95,6 +97,8 @@ def read_table(
     if filename_column not in header:
         raise KeyError(f"{csv_path} has no column {filename_column!r} (columns: {list(header)}); pass filename_column=")
     has_labels = label_column is not None and label_column in header
+    if label_column not in (None, _DEFAULT_LABEL_COLUMN) and not has_labels:
+        raise KeyError(f"{csv_path} has no label column {label_column!r} (columns: {list(header)}); pass label_column=")
     if layout == "by_label" and not has_labels:
         raise ValueError(f"layout='by_label' needs the label column {label_column!r}, which {csv_path} does not have")
     text_columns = [filename_column] + ([label_column] if has_labels else [])
