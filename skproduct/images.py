@@ -134,6 +134,40 @@ def _from_array(array: np.ndarray):
     raise ImageDecodeError(f"{describe_image_ref(array)} is not an H x W, H x W x 1, 3 or 4 picture")
 
 
+def picture_content(ref: Any) -> bytes:
+    """The bytes that identify a picture, for cache keys: its encoded bytes when it has any.
+
+    Paths and :class:`~skproduct.io.BsonImageRef` are read (not decoded), so a
+    changed file gives a new key; PIL images and arrays give their pixels with
+    their shape and mode.
+
+    Raises
+    ------
+    ImageDecodeError
+        The picture cannot be read.
+    """
+    from PIL import Image
+
+    if isinstance(ref, (bytes, bytearray, memoryview)):
+        return bytes(ref)
+    if isinstance(ref, (str, os.PathLike)):
+        try:
+            with open(ref, "rb") as f:
+                return f.read()
+        except OSError as exc:
+            raise ImageDecodeError(f"{describe_image_ref(ref)} cannot be read: {exc}") from exc
+    if hasattr(ref, "read_bytes"):
+        return ref.read_bytes()
+    if isinstance(ref, Image.Image):
+        return f"pil:{ref.mode}:{ref.size}".encode() + ref.tobytes()
+    if isinstance(ref, np.ndarray):
+        return f"array:{ref.dtype}:{ref.shape}".encode() + np.ascontiguousarray(ref).tobytes()
+    raise TypeError(
+        f"cannot load an image from a {type(ref).__name__}; pass a file path, encoded bytes, "
+        "a PIL image, a uint8 array or a BsonImageRef"
+    )
+
+
 class BadImagePolicy:
     """What to do with a picture that does not decode; shared by every image estimator.
 
