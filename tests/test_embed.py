@@ -1,0 +1,322 @@
+"""ImageEmbedder on real pictures: backbones, pooling, the cache across a grid search, persistence, bad pictures."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import joblib
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from sklearn.base import clone
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GridSearchCV, KFold
+from sklearn.pipeline import Pipeline
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from skproduct import EmbeddingCache, ImageEmbedder
+from skproduct.exceptions import ImageDecodeError
+
+TINY = dict(pretrained=False, image_size=48, batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def cdiscount_products(cdiscount_sample, tmp_path_factory):
+    from skproduct.io import read_bson
+
+    return read_bson(cdiscount_sample, index_path=tmp_path_factory.mktemp("idx") / "sample.skpidx")
+
+
+def _unique_pictures(products: pd.DataFrame) -> int:
+    return len({ref.read_bytes() for refs in products["images"] for ref in refs})
+
+
+def _count_extracted(monkeypatch) -> list[int]:
+    """Record how many pictures each backbone run extracts."""
+    runs: list[int] = []
+    original = ImageEmbedder._extract
+
+    def counting(self, refs, cache, keys):
+        runs.append(len(refs))
+        return original(self, refs, cache, keys)
+
+    monkeypatch.setattr(ImageEmbedder, "_extract", counting)
+    return runs
+
+
+# -- backbones on real pictures ----------------------------------------------------
+@pytest.mark.parametrize("backbone", ["timm:test_resnet", "timm:test_vit", "timm:test_efficientnet"])
+def test_timm_backbones_on_multi_picture_products(cdiscount_products, backbone):
+    products = cdiscount_products.head(20)
+    embedder = ImageEmbedder(backbone, **TINY).fit(products)
+    vectors = embedder.transform(products)
+    assert vectors.shape == (20, embedder.n_features_out_) and vectors.dtype == np.float32
+    assert np.isfinite(vectors).all() and len(np.unique(vectors.round(5), axis=0)) > 10
+    # a product's vector is the mean of its pictures' vectors
+    multi = int(np.flatnonzero(products["n_images"].to_numpy() > 1)[0])
+    singles = embedder.transform([[ref] for ref in products["images"].iloc[multi]])
+    np.testing.assert_allclose(vectors[multi], singles.mean(axis=0), rtol=1e-5, atol=1e-6)
+    maxed = clone(embedder).set_params(pooling="max").fit(products).transform(products.iloc[[multi]])
+    np.testing.assert_allclose(maxed[0], singles.max(axis=0), rtol=1e-5, atol=1e-6)
+
+
+def test_open_clip_image_tower_without_pretrained_weights(shopee_sample):
+    paths = sorted(str(p) for p in (shopee_sample / "images").glob("0[0-2]/*.jpg"))
+    embedder = ImageEmbedder("open_clip:ViT-S-32", pretrained=False, image_size=64, batch_size=8).fit(paths)
+    vectors = embedder.transform(paths)
+    assert vectors.shape == (len(paths), embedder.n_features_out_) == (9, 384)
+    assert np.isfinite(vectors).all()
+    assert embedder.preprocessing_.interpolation == "bicubic"
+
+
+def test_shopee_table_input_and_pandas_output(shopee_sample):
+    from skproduct.io import read_table
+
+    table = read_table(shopee_sample / "train.csv", shopee_sample / "images").head(6)
+    embedder = ImageEmbedder("timm:test_resnet", **TINY).set_output(transform="pandas")
+    frame = embedder.fit_transform(table)
+    assert isinstance(frame, pd.DataFrame) and frame.shape == (6, 96)
+    assert list(frame.columns[:2]) == ["imageembedder0", "imageembedder1"]
+    assert list(embedder.get_feature_names_out()) == list(frame.columns)
+
+
+def test_batch_size_and_workers_do_not_change_results(cdiscount_products):
+    products = cdiscount_products.head(12)
+    reference = ImageEmbedder("timm:test_resnet", **TINY).fit_transform(products)
+    for batch_size, workers in [(1, 0), (5, 2), (64, 1)]:
+        other = ImageEmbedder("timm:test_resnet", **{**TINY, "batch_size": batch_size}, num_workers=workers)
+        np.testing.assert_allclose(other.fit_transform(products), reference, rtol=1e-5, atol=1e-5)
+
+
+# -- the cache -------------------------------------------------------------------
+def test_grid_search_runs_the_backbone_once_per_unique_picture(cdiscount_products, tmp_path, monkeypatch):
+    products = cdiscount_products.head(66)
+    y = products["category_id"].astype(int).to_numpy() % 3  # three balanced-enough classes
+    runs = _count_extracted(monkeypatch)
+    cache = EmbeddingCache(tmp_path / "emb")
+    pipeline = Pipeline([("embed", ImageEmbedder("timm:test_resnet", cache=tmp_path / "emb", **TINY)),
+                         ("head", LogisticRegression(max_iter=200))])
+    folds = KFold(3, shuffle=True, random_state=0)
+    search = GridSearchCV(pipeline, {"head__C": [0.1, 1.0, 10.0]}, cv=folds)
+    search.fit(products, y)
+    search.predict(products)
+
+    unique = _unique_pictures(products)
+    # each transform looks up the distinct pictures of its rows: 3 candidates x 3 folds x (train + test),
+    # then the refit and the predict on every row
+    lookups = 3 * sum(_unique_pictures(products.iloc[train]) + _unique_pictures(products.iloc[test])
+                      for train, test in folds.split(products)) + 2 * unique
+    stats = cache.stats()
+    assert sum(runs) == unique  # the backbone saw each unique picture once
+    assert stats["misses"] == unique and stats["items"] == unique
+    assert stats["hits"] == lookups - unique  # every later lookup was a hit
+
+
+def test_fully_cached_transform_never_builds_the_model_nor_decodes(cdiscount_products, tmp_path, monkeypatch):
+    products = cdiscount_products.head(10)
+    first = ImageEmbedder("timm:test_resnet", cache=tmp_path / "emb", **TINY).fit_transform(products)
+    import skproduct._torch_data as torch_data
+    import skproduct.embed as embed
+
+    monkeypatch.setattr(embed, "build_backbone", lambda *a, **k: pytest.fail("the model was built"))
+    monkeypatch.setattr(torch_data.BadImagePolicy, "load", lambda *a, **k: pytest.fail("a picture was decoded"))
+    again = ImageEmbedder("timm:test_resnet", cache=tmp_path / "emb", **TINY).fit(products)
+    np.testing.assert_array_equal(again.transform(products), first)
+    assert again._module is None
+
+
+@pytest.mark.parametrize(
+    "change",
+    [dict(backbone="timm:test_efficientnet"), dict(random_state=1), dict(image_size=64)],
+    ids=["backbone", "weights", "image-size"],
+)
+def test_cache_misses_after_a_change(cdiscount_products, tmp_path, change):
+    products = cdiscount_products.head(5)
+    cache = EmbeddingCache(tmp_path / "emb")
+    base = ImageEmbedder("timm:test_resnet", cache=cache, **TINY)
+    base.fit_transform(products)
+    misses = cache.stats()["misses"]
+    changed = clone(base).set_params(**change)
+    changed.fit_transform(products)
+    assert changed.fingerprint_ != base.fingerprint_
+    assert cache.stats()["misses"] == 2 * misses
+
+
+def test_cache_misses_when_picture_bytes_change(tmp_path):
+    path = tmp_path / "a.png"
+    Image.new("RGB", (40, 40), (255, 0, 0)).save(path)
+    cache = EmbeddingCache(tmp_path / "emb")
+    embedder = ImageEmbedder("timm:test_resnet", cache=cache, **TINY).fit([str(path)])
+    red = embedder.transform([str(path)])
+    Image.new("RGB", (40, 40), (0, 0, 255)).save(path)  # same path, new picture
+    blue = embedder.transform([str(path)])
+    assert cache.stats()["misses"] == 2 and not np.allclose(red, blue)
+
+
+def test_local_weights_change_the_fingerprint_and_the_vectors(cdiscount_products, tmp_path):
+    import torch
+
+    from skproduct.backbones import build_backbone, parse_backbone
+
+    products = cdiscount_products.head(4)
+    path = tmp_path / "w.pth"
+    torch.save(build_backbone(parse_backbone("timm:test_resnet"), pretrained=False, weights=None,
+                              image_size=None, seed=5).state_dict(), path)
+    from_file = ImageEmbedder("timm:test_resnet", weights=path, **TINY).fit(products)
+    seeded = ImageEmbedder("timm:test_resnet", **{**TINY, "random_state": 5}).fit(products)
+    np.testing.assert_allclose(from_file.transform(products), seeded.transform(products), rtol=1e-6)
+    assert from_file.fingerprint_ != seeded.fingerprint_
+
+
+_RESUMABLE_RUN = """
+import sys, time
+import skproduct.embed as embed
+from skproduct import ImageEmbedder
+from skproduct.io import read_bson
+embed._FLUSH_EVERY = 4
+original = embed.ImageEmbedder._flush
+def slow_flush(self, *args):
+    original(self, *args)
+    time.sleep(0.3)
+embed.ImageEmbedder._flush = slow_flush
+products = read_bson(sys.argv[1], index_path=sys.argv[3])
+ImageEmbedder("timm:test_resnet", pretrained=False, image_size=48, batch_size=4, cache=sys.argv[2]).fit_transform(products)
+"""
+
+
+def test_a_killed_run_leaves_whole_vectors_and_the_rerun_computes_only_the_rest(
+    cdiscount_sample, cdiscount_products, tmp_path, monkeypatch
+):
+    cache_dir = tmp_path / "emb"
+    process = subprocess.Popen(
+        [sys.executable, "-c", _RESUMABLE_RUN, str(cdiscount_sample), str(cache_dir), str(tmp_path / "i.skpidx")]
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(cache_dir.glob("*/seg-*.skemb"))) < 3:
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    written = EmbeddingCache(cache_dir).stats()["items"]
+    unique = _unique_pictures(cdiscount_products)
+    assert 0 < written < unique, "the run should have been killed half way"
+
+    runs = _count_extracted(monkeypatch)
+    resumed = ImageEmbedder("timm:test_resnet", cache=cache_dir, **TINY).fit_transform(cdiscount_products)
+    assert sum(runs) == unique - written
+    fresh = ImageEmbedder("timm:test_resnet", **TINY).fit_transform(cdiscount_products)
+    np.testing.assert_allclose(resumed, fresh, rtol=1e-5, atol=1e-5)
+
+
+# -- persistence -------------------------------------------------------------------
+def test_joblib_round_trip_of_embedder_and_pipeline(cdiscount_products, tmp_path):
+    products = cdiscount_products.head(30)
+    y = np.arange(30) % 2
+    pipeline = Pipeline([("embed", ImageEmbedder("timm:test_resnet", cache=tmp_path / "emb", **TINY)),
+                         ("head", LogisticRegression())]).fit(products, y)
+    joblib.dump(pipeline, tmp_path / "model.joblib")
+    assert (tmp_path / "model.joblib").stat().st_size < 5_000_000  # weights and settings, not the cache
+    loaded = joblib.load(tmp_path / "model.joblib")
+    np.testing.assert_array_equal(loaded.predict_proba(products), pipeline.predict_proba(products))
+
+    embedder = ImageEmbedder("timm:test_resnet", **TINY).fit(products)
+    expected = embedder.transform(products)
+    joblib.dump(embedder, tmp_path / "embedder.joblib")
+    np.testing.assert_array_equal(joblib.load(tmp_path / "embedder.joblib").transform(products), expected)
+
+
+def test_clone_is_cheap_and_builds_nothing():
+    embedder = ImageEmbedder("timm:resnet50", cache="/nonexistent/cache")
+    twin = clone(embedder)
+    assert twin.get_params() == embedder.get_params()
+    assert not hasattr(twin, "_module")
+
+
+# -- bad pictures ---------------------------------------------------------------------
+def _jpeg(colour) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 40), colour).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_bad_pictures_under_each_policy(tmp_path, caplog, cached):
+    good, other, bad = _jpeg((200, 0, 0)), _jpeg((0, 200, 0)), b"not a picture"
+    products = [[good, bad], [bad], [other]]
+    options = dict(TINY, cache=tmp_path / "emb" if cached else None)
+
+    with pytest.raises(ImageDecodeError, match=r"image bytes \(13 bytes\)"):
+        ImageEmbedder("timm:test_resnet", **options).fit_transform(products)
+
+    reference = ImageEmbedder("timm:test_resnet", **options).fit_transform([[good], [other]])
+    skipped = ImageEmbedder("timm:test_resnet", on_error="skip", **options).fit_transform(products)
+    np.testing.assert_allclose(skipped[0], reference[0], rtol=1e-5, atol=1e-6)
+    assert not skipped[1].any() and "had no decodable picture" in caplog.text
+    np.testing.assert_allclose(skipped[2], reference[1], rtol=1e-5, atol=1e-6)
+
+    blank = ImageEmbedder("timm:test_resnet", on_error="blank", **options).fit_transform(products)
+    black = ImageEmbedder("timm:test_resnet", **options).fit_transform([np.zeros((48, 48, 3), np.uint8)])
+    np.testing.assert_allclose(blank[1], black[0], rtol=1e-5, atol=1e-5)
+    assert "could not be decoded and were replaced by blank pictures" in caplog.text
+
+
+def test_bad_input_is_explained():
+    embedder = ImageEmbedder("timm:test_resnet", **TINY)
+    with pytest.raises(TypeError, match="X is a numeric array"):
+        embedder.fit(np.zeros((3, 4))).transform(np.zeros((3, 4)))
+    with pytest.raises(ValueError, match="no 'images' or 'image' column"):
+        embedder.fit(pd.DataFrame({"x": [1]})).transform(pd.DataFrame({"x": [1]}))
+    with pytest.raises(ValueError, match="product 1 has no pictures"):
+        embedder.transform([["a.jpg"], []])
+    with pytest.raises(ValueError, match="pooling"):
+        ImageEmbedder(pooling="median").fit(["a.jpg"])
+
+
+# -- scikit-learn's estimator checks ------------------------------------------------------
+_NOT_PICTURES = "feeds numeric feature arrays; ImageEmbedder takes picture references (tested on real pictures above)"
+_NO_FEATURE_COLUMNS = "inputs are pictures, not feature columns: there is no n_features_in_"
+_FIT_LEARNS_NOTHING = "fit learns nothing from X (the backbone is pretrained or seeded); pictures are checked in transform"
+
+
+class _EmbedderUnderChecks(ImageEmbedder):
+    """Declares 2-D input so that scikit-learn runs its full battery instead of silently skipping it."""
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = True
+        tags.input_tags.string = False
+        return tags
+
+
+_EXPECTED_FAILED = {
+    **{name: _NOT_PICTURES for name in [
+        "check_fit_score_takes_y", "check_estimators_dtypes", "check_dtype_object", "check_complex_data",
+        "check_pipeline_consistency", "check_estimators_pickle", "check_f_contiguous_array_estimator",
+        "check_transformer_data_not_an_array", "check_transformer_general", "check_transformer_preserve_dtypes",
+        "check_methods_sample_order_invariance", "check_methods_subset_invariance", "check_dict_unchanged",
+        "check_fit_idempotent", "check_fit1d", "check_fit2d_predict1d",
+    ]},
+    "check_n_features_in_after_fitting": _NO_FEATURE_COLUMNS,
+    "check_n_features_in": _NO_FEATURE_COLUMNS,
+    "check_estimators_empty_data_messages": _FIT_LEARNS_NOTHING,
+    "check_estimators_nan_inf": _FIT_LEARNS_NOTHING,
+    "check_estimator_sparse_tag": _FIT_LEARNS_NOTHING,
+}
+
+
+@parametrize_with_checks(
+    [_EmbedderUnderChecks("timm:test_resnet", pretrained=False, image_size=32)],
+    expected_failed_checks=lambda estimator: _EXPECTED_FAILED,
+)
+def test_sklearn_estimator_checks(estimator, check):
+    check(estimator)
+
+
+def test_the_real_tags_say_pictures_not_arrays():
+    tags = ImageEmbedder().__sklearn_tags__()
+    assert tags.input_tags.two_d_array is False and tags.transformer_tags is not None
