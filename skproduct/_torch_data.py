@@ -17,9 +17,10 @@ class PictureDataset(Dataset):
     Picklable, so that DataLoader workers decode in parallel.
     """
 
-    def __init__(self, refs: list, transform, on_error: str, image_size: int):
+    def __init__(self, refs: list, transform, on_error: str, image_size: int, draft_size: int | None):
         self.refs = refs
         self.transform = transform
+        self.draft_size = draft_size
         self.policy = BadImagePolicy(on_error, blank_size=(image_size, image_size))
         self.image_size = image_size
 
@@ -29,7 +30,7 @@ class PictureDataset(Dataset):
     def __getitem__(self, i: int):
         """``(pixels, used, decoded, i)``: ``used`` is False for a skipped picture, ``decoded`` False for a bad one."""
         failed_before = self.policy.n_failed
-        image = self.policy.load(self.refs[i])
+        image = self.policy.load(self.refs[i], draft_size=self.draft_size)
         decoded = self.policy.n_failed == failed_before
         if image is None:
             return torch.zeros(3, self.image_size, self.image_size), False, False, i

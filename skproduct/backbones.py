@@ -83,6 +83,9 @@ class Preprocessing:
         ``"bilinear"`` or ``"bicubic"``.
     mean, std : tuple of float
         Per-channel normalisation.
+    jpeg_draft : bool
+        Decode large JPEGs at a reduced scale that still covers ``resize``
+        (:func:`skproduct.images.load_image`'s ``draft_size``).
     """
 
     image_size: int
@@ -90,6 +93,12 @@ class Preprocessing:
     interpolation: str
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    jpeg_draft: bool = True
+
+    @property
+    def draft_size(self) -> int | None:
+        """The ``draft_size`` to decode with, or ``None``."""
+        return self.resize if self.jpeg_draft else None
 
     def transform(self):
         """The torchvision transform from an RGB PIL image to a normalised tensor."""

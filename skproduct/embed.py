@@ -81,8 +81,10 @@ class ImageEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
 
     Pictures of all products are flattened into batches, decoded and
     preprocessed (in DataLoader workers when ``num_workers > 0``), run through
-    the backbone in ``eval()`` mode under ``torch.inference_mode()``, and
-    pooled per product. With a ``cache``, every picture's vector is stored
+    the backbone in ``eval()`` mode under ``torch.inference_mode()`` with
+    channels-last memory, and pooled per product. Large JPEGs are decoded at a
+    reduced scale that still covers the network's input (several times faster
+    than a full decode and resize). With a ``cache``, every picture's vector is stored
     under ``(backbone fingerprint, picture content)``: cross-validation folds,
     grid-search candidates and later ``predict`` calls never extract a picture
     twice, and a transform whose pictures are all cached neither builds the
@@ -293,8 +295,10 @@ class ImageEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
 
         module = self._model()
         device = torch.device(self.device_)
-        channels_last = device.type == "cuda"
-        dataset = PictureDataset(refs, self.preprocessing_.transform(), self.on_error, self.preprocessing_.image_size)
+        dataset = PictureDataset(
+            refs, self.preprocessing_.transform(), self.on_error, self.preprocessing_.image_size,
+            self.preprocessing_.draft_size,
+        )
         vectors = np.zeros((len(refs), self.n_features_out_), dtype=np.float32)
         used = np.zeros(len(refs), dtype=bool)
         decoded = np.zeros(len(refs), dtype=bool)
@@ -305,9 +309,7 @@ class ImageEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
             for pixels, batch_used, batch_decoded, positions in picture_loader(
                 dataset, self.batch_size, self.num_workers, device
             ):
-                pixels = pixels.to(device, non_blocking=True)
-                if channels_last:
-                    pixels = pixels.contiguous(memory_format=torch.channels_last)
+                pixels = pixels.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                     out = module(pixels)
                 positions = positions.numpy()
@@ -368,11 +370,7 @@ class ImageEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
             if state is not None:
                 module.load_state_dict(state)
                 self._state_to_restore = None
-            device = torch.device(self.device_)
-            module = module.to(device)
-            if device.type == "cuda":
-                module = module.to(memory_format=torch.channels_last)
-            self._module = module
+            self._module = module.to(torch.device(self.device_), memory_format=torch.channels_last)
         return self._module
 
     def _embedding_size(self) -> int:

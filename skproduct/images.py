@@ -47,7 +47,7 @@ def describe_image_ref(ref: Any) -> str:
     return f"image {type(ref).__name__}"
 
 
-def load_image(ref: Any):
+def load_image(ref: Any, *, draft_size: int | None = None):
     """Decode an image reference into an RGB :class:`PIL.Image.Image`.
 
     Transparent pictures (RGBA, LA, palette with transparency) are laid on a
@@ -57,6 +57,10 @@ def load_image(ref: Any):
     ----------
     ref : str, path-like, bytes, PIL.Image.Image, numpy.ndarray or BsonImageRef
         The picture.
+    draft_size : int, optional
+        The smallest side the caller needs. A JPEG much larger than that is
+        decoded at a reduced scale (1/2, 1/4 or 1/8, in the DCT domain), which
+        is several times faster; both sides stay at least ``draft_size``.
 
     Returns
     -------
@@ -97,6 +101,8 @@ def load_image(ref: Any):
         )
     try:
         with Image.open(source) as image:
+            if draft_size is not None and image.format == "JPEG":
+                image.draft("RGB", (draft_size, draft_size))
             image.load()
             return _to_rgb(image)
     except FileNotFoundError as exc:
@@ -204,10 +210,10 @@ class BadImagePolicy:
         self.blank_size = tuple(blank_size)
         self.n_failed = 0
 
-    def load(self, ref: Any):
-        """Load ``ref`` as RGB, or apply the policy; ``None`` means skipped."""
+    def load(self, ref: Any, *, draft_size: int | None = None):
+        """Load ``ref`` as RGB (see :func:`load_image`), or apply the policy; ``None`` means skipped."""
         try:
-            return load_image(ref)
+            return load_image(ref, draft_size=draft_size)
         except ImageDecodeError as exc:
             if self.on_error == "raise":
                 raise

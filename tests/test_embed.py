@@ -213,6 +213,45 @@ def test_a_killed_run_leaves_whole_vectors_and_the_rerun_computes_only_the_rest(
     np.testing.assert_allclose(resumed, fresh, rtol=1e-5, atol=1e-5)
 
 
+_EXTRACT_SLICE = """
+import sys
+from skproduct import ImageEmbedder
+from skproduct.io import read_bson
+products = read_bson(sys.argv[1], index_path=sys.argv[3]).iloc[int(sys.argv[4]):int(sys.argv[5])]
+ImageEmbedder("timm:test_resnet", pretrained=False, image_size=48, batch_size=4, cache=sys.argv[2]).fit_transform(products)
+"""
+
+
+def test_two_processes_extracting_overlapping_sets_into_one_cache(cdiscount_sample, cdiscount_products, tmp_path):
+    cache_dir = tmp_path / "emb"
+    processes = [
+        subprocess.Popen([sys.executable, "-c", _EXTRACT_SLICE, str(cdiscount_sample), str(cache_dir),
+                          str(tmp_path / f"i{k}.skpidx"), str(start), str(stop)])
+        for k, (start, stop) in enumerate([(0, 55), (27, 82)])
+    ]
+    assert [p.wait(timeout=300) for p in processes] == [0, 0]
+    cache = EmbeddingCache(cache_dir)
+    embedder = ImageEmbedder("timm:test_resnet", cache=cache, **TINY).fit(cdiscount_products)
+    cached = embedder.transform(cdiscount_products)
+    assert cache.stats()["misses"] == 0 and cache.stats()["items"] == _unique_pictures(cdiscount_products)
+    fresh = ImageEmbedder("timm:test_resnet", **TINY).fit_transform(cdiscount_products)
+    np.testing.assert_allclose(cached, fresh, rtol=1e-5, atol=1e-5)
+
+
+def test_local_weights_file_for_open_clip(shopee_sample, tmp_path):
+    import open_clip
+    import torch
+
+    paths = sorted(str(p) for p in (shopee_sample / "images").glob("00/*.jpg"))
+    torch.manual_seed(3)
+    full_model = open_clip.create_model("ViT-S-32", pretrained=None, force_image_size=64)
+    torch.save(full_model.state_dict(), tmp_path / "clip.pt")
+    options = dict(image_size=64, batch_size=8)
+    from_file = ImageEmbedder("open_clip:ViT-S-32", weights=tmp_path / "clip.pt", **options).fit(paths)
+    seeded = ImageEmbedder("open_clip:ViT-S-32", pretrained=False, random_state=3, **options).fit(paths)
+    np.testing.assert_allclose(from_file.transform(paths), seeded.transform(paths), rtol=1e-5, atol=1e-6)
+
+
 # -- persistence -------------------------------------------------------------------
 def test_joblib_round_trip_of_embedder_and_pipeline(cdiscount_products, tmp_path):
     products = cdiscount_products.head(30)
