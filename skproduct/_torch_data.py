@@ -60,6 +60,16 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def device_available(device: str) -> bool:
+    """Whether a torch device string names a device this machine has."""
+    kind = torch.device(device)
+    if kind.type == "cuda":
+        return torch.cuda.is_available() and (kind.index or 0) < torch.cuda.device_count()
+    if kind.type == "mps":
+        return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    return kind.type == "cpu"
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``"auto"``: bf16 on CUDA devices that support it, else fp16 on CUDA, else fp32."""
     if precision != "auto":

@@ -178,27 +178,28 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 def weights_identity(spec: BackboneSpec, pretrained: bool, weights: str | None, seed: int) -> str:
     """Name the weights a backbone will have, without loading them."""
+    versions = _library_versions(spec.family)  # an upgrade may change the forward pass or the random init
     if weights is not None:
-        return f"file:{file_sha256(weights)}"
+        return f"file:{file_sha256(weights)}:{versions}"
     if not pretrained:
-        return f"random:{seed}:{_library_version(spec.family)}"
+        return f"random:{seed}:{versions}"
     if spec.family == "open_clip":
         if not spec.tag:
             raise ValueError(
                 f"{spec} names no pretrained tag: use 'open_clip:{spec.name}/<tag>' "
                 "(see open_clip.list_pretrained_tags_by_model), pass weights=, or pretrained=False"
             )
-        return f"pretrained:{spec.name}/{spec.tag}"
+        return f"pretrained:{spec.name}/{spec.tag}:{versions}"
     import timm
 
     cfg = timm.models.get_pretrained_cfg(spec.name)
-    return f"pretrained:{cfg.architecture}.{cfg.tag}"
+    return f"pretrained:{cfg.architecture}.{cfg.tag}:{versions}"
 
 
-def _library_version(family: str) -> str:
+def _library_versions(family: str) -> str:
     from importlib.metadata import version
 
-    return version("timm" if family == "timm" else "open_clip_torch")
+    return f"torch-{version('torch')}+{family}-{version('timm' if family == 'timm' else 'open_clip_torch')}"
 
 
 def fingerprint(

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import struct
 import tempfile
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -34,6 +34,8 @@ KEY_BYTES = 16
 _MAGIC = b"SKEMB\x00\x01\x00"
 _HEADER = struct.Struct("<8sQQ")  # magic, n vectors, dimension
 _SUFFIX = ".skemb"
+_TMP_PREFIX = ".tmp-"
+_STALE_TMP_SECONDS = 3600  # a temporary file older than this belongs to a killed run
 _OPEN: dict[str, EmbeddingCache] = {}
 _OPEN_LOCK = threading.Lock()
 
@@ -56,7 +58,7 @@ class _Store:
             names = [
                 e.name
                 for e in os.scandir(self.folder)
-                if e.name.endswith(_SUFFIX) and not e.name.startswith(".tmp-") and e.name not in self.seen
+                if e.name.endswith(_SUFFIX) and not e.name.startswith(_TMP_PREFIX) and e.name not in self.seen
             ]
         except FileNotFoundError:
             return
@@ -131,24 +133,26 @@ class EmbeddingCache:
     """
 
     def __new__(cls, directory: str | os.PathLike):
-        path = os.path.abspath(os.path.expanduser(os.fspath(directory)))
+        given = os.fspath(directory)
+        path = os.path.abspath(os.path.expanduser(given))
         with _OPEN_LOCK:
             cache = _OPEN.get(path)
             if cache is None:
                 cache = super().__new__(cls)
-                cache._init(path)
+                cache._init(path, given)
                 _OPEN[path] = cache
         return cache
 
-    def _init(self, path: str) -> None:
+    def _init(self, path: str, given: str) -> None:
         self.directory = Path(path)
+        self._given = given  # pickles keep what the user wrote ("~/emb"), not this machine's expansion
         self.hits = 0
         self.misses = 0
         self._stores: dict[str, _Store] = {}
         self._lock = threading.Lock()
 
     def __getnewargs__(self):
-        return (str(self.directory),)
+        return (self._given,)
 
     def __getstate__(self):
         return {}
@@ -212,8 +216,10 @@ class EmbeddingCache:
             return
         folder = self.directory / fingerprint
         self._store(fingerprint)
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=_SUFFIX)
+        try:
+            fd, tmp = _new_temporary(folder)
+        except FileNotFoundError:  # another process cleared the folder meanwhile
+            fd, tmp = _new_temporary(folder)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(_HEADER.pack(_MAGIC, len(keys), vectors.shape[1]))
@@ -222,7 +228,12 @@ class EmbeddingCache:
                 f.flush()
                 os.fsync(f.fileno())
             os.chmod(tmp, 0o644)
-            os.replace(tmp, folder / f"seg-{os.getpid()}-{uuid.uuid4().hex}{_SUFFIX}")
+            final = folder / f"seg-{os.getpid()}-{uuid.uuid4().hex}{_SUFFIX}"
+            try:
+                os.replace(tmp, final)
+            except FileNotFoundError:  # the folder was cleared while this segment was written
+                folder.mkdir(parents=True, exist_ok=True)
+                raise
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -230,14 +241,10 @@ class EmbeddingCache:
     # -- housekeeping ----------------------------------------------------------
     def stats(self) -> dict:
         """``hits`` and ``misses`` of this process; ``items``, ``bytes`` and ``fingerprints`` on disk."""
-        items = size = 0
-        fingerprints = 0
+        items = size = fingerprints = 0
         for folder in self._fingerprint_folders():
             fingerprints += 1
-            for segment in folder.glob(f"*{_SUFFIX}"):
-                if segment.name.startswith(".tmp-"):
-                    continue
-                size += segment.stat().st_size
+            size += sum(p.stat().st_size for p in _segments(folder))
             store = self._store(folder.name)
             with self._lock:
                 store.refresh()
@@ -245,28 +252,35 @@ class EmbeddingCache:
         return {"hits": self.hits, "misses": self.misses, "items": items, "bytes": size, "fingerprints": fingerprints}
 
     def clear(self, fingerprint: str | None = None) -> None:
-        """Delete every vector (or those of one fingerprint) and reset the counters."""
+        """Delete every vector (or those of one fingerprint) and reset the counters.
+
+        Only skproduct's segment files are deleted: other files in the folder
+        are left alone, and a folder is removed only once it is empty.
+        """
         with self._lock:
             targets = [self.directory / fingerprint] if fingerprint else list(self._fingerprint_folders())
             for folder in targets:
-                shutil.rmtree(folder, ignore_errors=True)
+                for segment in _segments(folder):
+                    segment.unlink(missing_ok=True)
+                _remove_if_empty(folder)
                 self._stores.pop(folder.name, None)
             self.hits = self.misses = 0
 
     def prune(self, max_bytes: int) -> int:
         """Delete the least recently written fingerprints until the cache holds at most ``max_bytes``.
 
-        Leftover temporary files of killed runs are removed too. Returns the
-        number of bytes freed.
+        Temporary files left by killed runs (older than an hour) go too; younger
+        ones may belong to a run in progress and stay. Returns the bytes freed.
         """
         freed = 0
         folders = []
         for folder in self._fingerprint_folders():
-            files = [p for p in folder.iterdir() if p.is_file()]
-            for leftover in [p for p in files if p.name.startswith(".tmp-")]:
-                freed += leftover.stat().st_size
-                leftover.unlink(missing_ok=True)
-            segments = [p for p in files if not p.name.startswith(".tmp-")]
+            for leftover in folder.glob(f"{_TMP_PREFIX}*{_SUFFIX}"):
+                stat = leftover.stat()
+                if time.time() - stat.st_mtime > _STALE_TMP_SECONDS:
+                    freed += stat.st_size
+                    leftover.unlink(missing_ok=True)
+            segments = _segments(folder)
             newest = max((p.stat().st_mtime for p in segments), default=0.0)
             folders.append((newest, sum(p.stat().st_size for p in segments), folder))
         total = sum(size for _, size, _ in folders)
@@ -279,11 +293,28 @@ class EmbeddingCache:
         return freed
 
     def _fingerprint_folders(self):
+        """The sub-folders that hold skproduct segments (other folders are not the cache's)."""
         if not self.directory.is_dir():
             return
         for entry in sorted(self.directory.iterdir()):
-            if entry.is_dir():
+            if entry.is_dir() and not entry.name.startswith(".") and any(entry.glob(f"*{_SUFFIX}")):
                 yield entry
+
+
+def _segments(folder: Path) -> list[Path]:
+    return [p for p in folder.glob(f"*{_SUFFIX}") if not p.name.startswith(_TMP_PREFIX)]
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
+
+
+def _new_temporary(folder: Path) -> tuple[int, str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    return tempfile.mkstemp(dir=folder, prefix=_TMP_PREFIX, suffix=_SUFFIX)
 
 
 def _read_segment(path: Path) -> tuple[np.ndarray, np.memmap]:

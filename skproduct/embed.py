@@ -220,6 +220,8 @@ class ImageEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         self._weights_id = weights_identity(spec, self.pretrained, weights, self.random_state)
         self.fingerprint_ = fingerprint(spec, self._weights_id, self.preprocessing_, self.precision_)
         self._module = None
+        if getattr(self, "_restored_for", None) != (self.backbone, self._weights_id, self.image_size):
+            self._state_to_restore = None  # weights from a pickle belong to other settings
         self.n_features_out_ = self._embedding_size()
         return self
 
@@ -255,18 +257,21 @@ class ImageEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         if cache is None:
             return self._extract(refs, None, None)
         keys, readable = self._keys(refs)
-        unique, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        vectors = np.zeros((len(refs), self.n_features_out_), dtype=np.float32)
+        used = np.ones(len(refs), dtype=bool)
+        good = np.flatnonzero(readable)
+        unique, first, inverse = np.unique(keys[good], return_index=True, return_inverse=True)
         found_vectors, found = cache.get(self.fingerprint_, unique)
-        vectors = np.zeros((len(unique), self.n_features_out_), dtype=np.float32)
+        unique_vectors = np.zeros((len(unique), self.n_features_out_), dtype=np.float32)
+        unique_used = np.ones(len(unique), dtype=bool)
         if found.any():
-            vectors[found] = found_vectors
+            unique_vectors[found] = found_vectors
         missing = np.flatnonzero(~found)
-        used = np.ones(len(unique), dtype=bool)
         if len(missing):
-            computed, computed_used = self._extract([refs[first[m]] for m in missing], cache, unique[missing])
-            vectors[missing], used[missing] = computed, computed_used
-        vectors, used = vectors[inverse], used[inverse]
-        if not readable.all():  # unreadable pictures: their key is meaningless, the policy decides
+            computed, computed_used = self._extract([refs[good[first[m]]] for m in missing], cache, unique[missing])
+            unique_vectors[missing], unique_used[missing] = computed, computed_used
+        vectors[good], used[good] = unique_vectors[inverse], unique_used[inverse]
+        if len(good) < len(refs):  # unreadable pictures have no key: the policy decides, nothing is cached
             bad = np.flatnonzero(~readable)
             vectors[bad], used[bad] = self._extract([refs[b] for b in bad], None, None)
         return vectors, used
@@ -283,7 +288,7 @@ class ImageEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
                 if self.on_error == "raise":
                     raise
                 readable[i] = False
-                contents.append(b"unreadable:%d" % i)
+                contents.append(b"")
         return EmbeddingCache.keys_for(contents), readable
 
     def _extract(self, refs: list, cache: EmbeddingCache | None, keys: np.ndarray | None):
@@ -392,14 +397,17 @@ class ImageEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         module = state.pop("_module", None)
         if module is not None:
             state["_state_to_restore"] = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+            state["_restored_for"] = (self.backbone, self._weights_id, self.image_size)
         return state
 
     def __setstate__(self, state):
         super().__setstate__(state)
         self._module = None
         if hasattr(self, "device_"):
-            from ._torch_data import resolve_device
+            from ._torch_data import device_available
 
-            if self.device_.startswith("cuda") and resolve_device("auto").type != "cuda":
-                logger.info("this embedder ran on %s; it runs on the CPU here", self.device_)
+            if not device_available(self.device_):
+                # The precision stays: the vectors keep matching the fingerprint (and the cache), computed under
+                # CPU autocast when it was bf16 or fp16.
+                logger.info("this embedder ran on %s, which this machine lacks; it runs on the CPU", self.device_)
                 self.device_ = "cpu"

@@ -144,8 +144,8 @@ def picture_content(ref: Any) -> bytes:
     """The bytes that identify a picture, for cache keys: its encoded bytes when it has any.
 
     Paths and :class:`~skproduct.io.BsonImageRef` are read (not decoded), so a
-    changed file gives a new key; PIL images and arrays give their pixels with
-    their shape and mode.
+    changed file gives a new key; PIL images give their RGB pixels, arrays
+    their pixels with their shape and dtype.
 
     Raises
     ------
@@ -164,8 +164,8 @@ def picture_content(ref: Any) -> bytes:
             raise ImageDecodeError(f"{describe_image_ref(ref)} cannot be read: {exc}") from exc
     if hasattr(ref, "read_bytes"):
         return ref.read_bytes()
-    if isinstance(ref, Image.Image):
-        return f"pil:{ref.mode}:{ref.size}".encode() + ref.tobytes()
+    if isinstance(ref, Image.Image):  # the RGB pixels the model will see (a palette is applied)
+        return f"pil:{ref.size}".encode() + _to_rgb(ref).tobytes()
     if isinstance(ref, np.ndarray):
         return f"array:{ref.dtype}:{ref.shape}".encode() + np.ascontiguousarray(ref).tobytes()
     raise TypeError(

@@ -80,13 +80,13 @@ def test_local_weights_file_for_timm(tmp_path):
         build_backbone(spec, pretrained=False, weights=str(tmp_path / "missing.pth"), image_size=None, seed=0)
 
 
-def test_pretrained_download_offline_says_how_to_pass_weights():
+def test_pretrained_download_offline_says_how_to_pass_weights(tmp_path):
     code = (
         "from skproduct.backbones import build_backbone, parse_backbone\n"
         "build_backbone(parse_backbone('timm:test_resnet.r160_in1k'), pretrained=True, weights=None,"
         " image_size=None, seed=0)\n"
     )
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path))  # no weights cached from earlier runs
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode != 0
     assert "pretrained weights for timm:test_resnet.r160_in1k could not be downloaded (offline?)" in result.stderr

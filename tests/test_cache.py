@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import multiprocessing
+import os
 import pickle
+import time
 
 import numpy as np
 import pytest
@@ -47,6 +49,8 @@ def test_one_object_per_folder_shared_by_copies_and_pickles(tmp_path):
     assert copy.deepcopy(cache) is cache
     assert pickle.loads(pickle.dumps(cache)) is cache
     assert len(pickle.dumps(cache)) < 300
+    home_cache = EmbeddingCache("~/.skproduct-test-cache")
+    assert b"~/.skproduct-test-cache" in pickle.dumps(home_cache)  # portable to another user's home
 
 
 def test_leftovers_of_a_killed_write_are_ignored_and_pruned(tmp_path):
@@ -57,14 +61,28 @@ def test_leftovers_of_a_killed_write_are_ignored_and_pruned(tmp_path):
     (tmp_path / "c" / "m" / "seg-cut.skemb").write_bytes(b"SKEMB\x00\x01\x00" + b"\x05" + b"\x00" * 15)
     assert cache.get("m", keys)[1].all()
     assert cache.stats()["items"] == 1
-    assert cache.prune(max_bytes=10**9) > 0  # the temporary file goes
+    assert cache.prune(max_bytes=10**9) == 0  # a young temporary file may be a write in progress
+    old = time.time() - 7200
+    os.utime(tmp_path / "c" / "m" / ".tmp-12345.skemb", (old, old))
+    assert cache.prune(max_bytes=10**9) > 0  # an old one is a killed run's leftover
     assert not (tmp_path / "c" / "m" / ".tmp-12345.skemb").exists()
 
 
-def test_clear_and_prune_to_a_size(tmp_path):
-    import os
-    import time
+def test_housekeeping_leaves_other_folders_alone(tmp_path):
+    cache = EmbeddingCache(tmp_path)
+    (tmp_path / "my_photos").mkdir()
+    (tmp_path / "my_photos" / "cat.jpg").write_bytes(b"jpeg")
+    (tmp_path / ".git").mkdir()
+    cache.put("m", EmbeddingCache.keys_for([b"x"]), np.ones((1, 4), np.float32))
+    (tmp_path / "m" / "notes.txt").write_text("mine")
+    assert cache.stats()["fingerprints"] == 1
+    cache.prune(max_bytes=0)
+    cache.clear()
+    assert (tmp_path / "my_photos" / "cat.jpg").exists() and (tmp_path / ".git").is_dir()
+    assert (tmp_path / "m" / "notes.txt").exists() and not list((tmp_path / "m").glob("*.skemb"))
 
+
+def test_clear_and_prune_to_a_size(tmp_path):
     cache = EmbeddingCache(tmp_path / "c")
     for i, name in enumerate(["old", "mid", "new"]):
         keys = EmbeddingCache.keys_for([b"%d-%d" % (i, k) for k in range(50)])

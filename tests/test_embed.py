@@ -168,10 +168,17 @@ def test_local_weights_change_the_fingerprint_and_the_vectors(cdiscount_products
     path = tmp_path / "w.pth"
     torch.save(build_backbone(parse_backbone("timm:test_resnet"), pretrained=False, weights=None,
                               image_size=None, seed=5).state_dict(), path)
-    from_file = ImageEmbedder("timm:test_resnet", weights=path, **TINY).fit(products)
-    seeded = ImageEmbedder("timm:test_resnet", **{**TINY, "random_state": 5}).fit(products)
+    cache = EmbeddingCache(tmp_path / "emb")
+    from_file = ImageEmbedder("timm:test_resnet", weights=path, cache=cache, **TINY).fit(products)
+    seeded = ImageEmbedder("timm:test_resnet", cache=cache, **{**TINY, "random_state": 5}).fit(products)
     np.testing.assert_allclose(from_file.transform(products), seeded.transform(products), rtol=1e-6)
     assert from_file.fingerprint_ != seeded.fingerprint_
+    torch.save(build_backbone(parse_backbone("timm:test_resnet"), pretrained=False, weights=None,
+                              image_size=None, seed=6).state_dict(), path)  # new weights in the same file
+    misses = cache.stats()["misses"]
+    other = ImageEmbedder("timm:test_resnet", weights=path, cache=cache, **TINY).fit(products)
+    assert not np.allclose(other.transform(products), seeded.transform(products))
+    assert cache.stats()["misses"] == misses + _unique_pictures(products)
 
 
 _RESUMABLE_RUN = """
@@ -256,7 +263,7 @@ def test_local_weights_file_for_open_clip(shopee_sample, tmp_path):
 def test_joblib_round_trip_of_embedder_and_pipeline(cdiscount_products, tmp_path):
     products = cdiscount_products.head(30)
     y = np.arange(30) % 2
-    pipeline = Pipeline([("embed", ImageEmbedder("timm:test_resnet", cache=tmp_path / "emb", **TINY)),
+    pipeline = Pipeline([("embed", ImageEmbedder("timm:test_resnet", **TINY)),  # no cache: the weights must travel
                          ("head", LogisticRegression())]).fit(products, y)
     joblib.dump(pipeline, tmp_path / "model.joblib")
     assert (tmp_path / "model.joblib").stat().st_size < 5_000_000  # weights and settings, not the cache
@@ -269,11 +276,25 @@ def test_joblib_round_trip_of_embedder_and_pipeline(cdiscount_products, tmp_path
     np.testing.assert_array_equal(joblib.load(tmp_path / "embedder.joblib").transform(products), expected)
 
 
-def test_clone_is_cheap_and_builds_nothing():
-    embedder = ImageEmbedder("timm:resnet50", cache="/nonexistent/cache")
-    twin = clone(embedder)
-    assert twin.get_params() == embedder.get_params()
-    assert not hasattr(twin, "_module")
+def test_a_loaded_embedder_refitted_with_other_weights_uses_them(cdiscount_products, tmp_path):
+    products = cdiscount_products.head(6)
+    embedder = ImageEmbedder("timm:test_resnet", **TINY).fit(products)
+    embedder.transform(products)  # builds the model, so the pickle holds its weights
+    joblib.dump(embedder, tmp_path / "e.joblib")
+    refitted = joblib.load(tmp_path / "e.joblib").set_params(random_state=1).fit(products)
+    expected = ImageEmbedder("timm:test_resnet", **{**TINY, "random_state": 1}).fit_transform(products)
+    np.testing.assert_array_equal(refitted.transform(products), expected)
+
+
+def test_an_embedder_fitted_on_a_missing_device_loads_on_the_cpu(cdiscount_products, tmp_path):
+    products = cdiscount_products.head(4)
+    embedder = ImageEmbedder("timm:test_resnet", **TINY).fit(products)
+    expected = embedder.transform(products)
+    embedder.device_ = "cuda:7"  # as if fitted on a GPU machine
+    joblib.dump(embedder, tmp_path / "e.joblib")
+    loaded = joblib.load(tmp_path / "e.joblib")
+    assert loaded.device_ == "cpu"
+    np.testing.assert_array_equal(loaded.transform(products), expected)
 
 
 # -- bad pictures ---------------------------------------------------------------------
@@ -297,6 +318,15 @@ def test_bad_pictures_under_each_policy(tmp_path, caplog, cached):
     np.testing.assert_allclose(skipped[0], reference[0], rtol=1e-5, atol=1e-6)
     assert not skipped[1].any() and "had no decodable picture" in caplog.text
     np.testing.assert_allclose(skipped[2], reference[1], rtol=1e-5, atol=1e-6)
+
+    runs = []
+    original = ImageEmbedder._extract
+    try:
+        ImageEmbedder._extract = lambda self, refs, *a: runs.append(len(refs)) or original(self, refs, *a)
+        ImageEmbedder("timm:test_resnet", on_error="skip", **options).fit_transform(products)
+    finally:
+        ImageEmbedder._extract = original
+    assert sum(runs) == (1 if cached else 4)  # cached: the bad picture alone is tried; never twice
 
     blank = ImageEmbedder("timm:test_resnet", on_error="blank", **options).fit_transform(products)
     black = ImageEmbedder("timm:test_resnet", **options).fit_transform([np.zeros((48, 48, 3), np.uint8)])

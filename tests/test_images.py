@@ -95,6 +95,16 @@ def test_policy_raise_skip_blank(caplog):
         BadImagePolicy("ignore")
 
 
+def test_cache_keys_of_palette_pictures_include_the_palette():
+    from skproduct.images import picture_content
+
+    first = Image.new("P", (4, 4), 1)
+    first.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    second = first.copy()
+    second.putpalette([0, 0, 0, 0, 0, 255] + [0] * 762)
+    assert picture_content(first) != picture_content(second)
+
+
 def test_decompression_bombs_go_through_the_policy(monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)
     with pytest.raises(ImageDecodeError, match="is not a decodable image"):

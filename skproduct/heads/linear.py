@@ -1,0 +1,582 @@
+"""TorchLinearClassifier: a multinomial softmax head trained with torch, predicting with numpy alone."""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from numbers import Integral, Real
+
+import numpy as np
+from scipy.special import expit, log_expit, log_softmax, softmax
+from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.model_selection import train_test_split
+from sklearn.preprocessing import LabelEncoder
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.class_weight import compute_class_weight
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TorchLinearClassifier"]
+
+# Rows per block when scoring: bounds the float64 temporaries of predict/predict_proba to ~32 MB.
+_SCORE_BLOCK_VALUES = 1 << 22
+
+
+class TorchLinearClassifier(ClassifierMixin, BaseEstimator):
+    """Multinomial logistic regression (a softmax head) trained by minibatch Adam with torch.
+
+    Meant for many classes and many rows (embeddings of product pictures over thousands of
+    categories), where scikit-learn's :class:`~sklearn.linear_model.LogisticRegression` holds
+    ``n_samples x n_classes`` float64 arrays. Training runs on the GPU when there is one; the
+    fitted model is plain numpy, so predicting needs no torch and a model fitted on a GPU
+    loads anywhere.
+
+    The objective is the (sample- and class-)weighted mean cross-entropy, with label smoothing,
+    plus ``alpha / 2 * ||W||^2``. Features are standardised internally (weighted mean and
+    standard deviation of the training rows), so ``alpha`` and ``learning_rate`` act on the
+    standardised problem; ``coef_`` and ``intercept_`` describe the model on raw inputs.
+
+    Parameters
+    ----------
+    alpha : float, default=1e-4
+        Strength of the L2 penalty on the weights (never on the intercepts), in the units of the
+        mean loss: ``alpha = 1 / (C * n_samples)`` matches a standardised
+        ``LogisticRegression(C=C)``.
+    learning_rate : float, default=1e-2
+        Adam's step size. After a plateau of the training loss it is divided by 10, at most
+        twice (see ``tol``); with ``early_stopping`` it stays constant.
+    batch_size : int, default=1024
+        Rows per minibatch (capped at the number of training rows).
+    max_epochs : int, default=100
+        Most passes over the training rows.
+    tol : float, default=1e-4
+        Smallest improvement that counts: of the training loss (the mean objective over an epoch)
+        or, with ``early_stopping``, of the validation score.
+    n_iter_no_change : int, default=5
+        Epochs without an improvement of ``tol`` that end training. Without early stopping, the
+        first two such plateaus divide the learning rate by 10 and training goes on; the third
+        ends it.
+    early_stopping : bool, default=False
+        Hold out ``validation_fraction`` of the rows (stratified when every class can be split),
+        score the accuracy on them after each epoch, stop after ``n_iter_no_change`` epochs
+        without improvement, and keep the weights of the best epoch.
+    validation_fraction : float, default=0.1
+        Share of the rows held out with ``early_stopping``.
+    class_weight : dict, "balanced" or None, default=None
+        Weights of the classes, multiplied into the sample weights: ``{label: weight}``, or
+        ``"balanced"`` for ``n_samples / (n_classes * np.bincount(y))`` (counts weighted by
+        ``sample_weight``).
+    label_smoothing : float, default=0.0
+        Share of each target spread uniformly over all classes (as in
+        :func:`torch.nn.functional.cross_entropy`); makes probabilities less extreme.
+    device : str, default="auto"
+        Torch device for training: ``"auto"`` picks CUDA, then MPS, then the CPU; or any torch
+        device string (``"cpu"``, ``"cuda:1"``).
+    random_state : int, RandomState instance or None, default=None
+        Seeds the shuffling of the rows and the validation split: the same seed on the same
+        device gives the same coefficients.
+    verbose : int, default=0
+        Show a progress bar over epochs and log each epoch's loss (``logging`` at INFO).
+
+    Attributes
+    ----------
+    classes_ : ndarray of shape (n_classes,)
+        Class labels, sorted.
+    coef_ : ndarray of shape (n_classes, n_features), float32
+        Weights on the raw features (one row per class, also for two classes).
+    intercept_ : ndarray of shape (n_classes,), float32
+        Intercepts on the raw features.
+    n_features_in_ : int
+        Number of features seen in fit.
+    feature_names_in_ : ndarray of shape (n_features_in_,)
+        Names of the features, when ``X`` had string column names.
+    n_iter_ : int
+        Epochs run.
+    loss_curve_ : list of float
+        Training objective (weighted cross-entropy plus penalty) averaged over each epoch.
+    validation_scores_ : list of float or None
+        Accuracy on the held-out rows after each epoch (weighted by the sample and class
+        weights); None without ``early_stopping``. The weights kept are those of the epoch
+        ``np.argmax(validation_scores_)``.
+
+    See Also
+    --------
+    sklearn.linear_model.LogisticRegression : the exact solver, for smaller problems.
+
+    Notes
+    -----
+    The weights start from zero with intercepts at the log of the class frequencies, so a
+    long-tailed problem starts at its prior. Rows with zero weight are dropped before training;
+    a fit with zero weights on some rows is the fit without those rows. The fitted estimator
+    holds numpy arrays only; :meth:`predict_proba` computes each row on its own (in float64),
+    so a row's probabilities never depend on the other rows of the batch.
+
+    Examples
+    --------
+    >>> from sklearn.datasets import make_classification
+    >>> from skproduct.heads.linear import TorchLinearClassifier
+    >>> X, y = make_classification(n_samples=300, n_features=8, n_informative=5,
+    ...                            n_classes=3, random_state=0)
+    >>> clf = TorchLinearClassifier(random_state=0).fit(X, y)
+    >>> clf.coef_.shape, clf.coef_.dtype
+    ((3, 8), dtype('float32'))
+    >>> clf.predict_proba(X[:2]).sum(axis=1)
+    array([1., 1.])
+    >>> bool(clf.score(X, y) > 0.7)
+    True
+    """
+
+    _parameter_constraints: dict = {
+        "alpha": [Interval(Real, 0, None, closed="left")],
+        "learning_rate": [Interval(Real, 0, None, closed="neither")],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "max_epochs": [Interval(Integral, 1, None, closed="left")],
+        "tol": [Interval(Real, 0, None, closed="left")],
+        "n_iter_no_change": [Interval(Integral, 1, None, closed="left")],
+        "early_stopping": ["boolean"],
+        "validation_fraction": [Interval(Real, 0, 1, closed="neither")],
+        "class_weight": [dict, StrOptions({"balanced"}), None],
+        "label_smoothing": [Interval(Real, 0, 1, closed="left")],
+        "device": [str],
+        "random_state": ["random_state"],
+        "verbose": ["verbose"],
+    }
+
+    def __init__(
+        self,
+        alpha=1e-4,
+        learning_rate=1e-2,
+        batch_size=1024,
+        max_epochs=100,
+        tol=1e-4,
+        n_iter_no_change=5,
+        early_stopping=False,
+        validation_fraction=0.1,
+        class_weight=None,
+        label_smoothing=0.0,
+        device="auto",
+        random_state=None,
+        verbose=0,
+    ):
+        self.alpha = alpha
+        self.learning_rate = learning_rate
+        self.batch_size = batch_size
+        self.max_epochs = max_epochs
+        self.tol = tol
+        self.n_iter_no_change = n_iter_no_change
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.class_weight = class_weight
+        self.label_smoothing = label_smoothing
+        self.device = device
+        self.random_state = random_state
+        self.verbose = verbose
+
+    # ------------------------------------------------------------------ fit
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y, sample_weight=None):
+        """Fit the head by minibatch Adam.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Training vectors (float32 is used for training; other dtypes are converted).
+        y : array-like of shape (n_samples,)
+            Class labels (numbers or strings).
+        sample_weight : array-like of shape (n_samples,), default=None
+            Non-negative weight of each row; rows of weight zero are left out.
+
+        Returns
+        -------
+        self : TorchLinearClassifier
+            The fitted estimator.
+        """
+        X, y = validate_data(self, X, y, dtype=np.float32, order="C")
+        check_classification_targets(y)
+        sample_weight = _check_sample_weight(sample_weight, X, dtype=np.float64, ensure_non_negative=True)
+
+        encoder = LabelEncoder()
+        y_enc = encoder.fit_transform(y)
+        self.classes_ = encoder.classes_
+        n_classes = len(self.classes_)
+        if n_classes < 2:
+            raise ValueError(
+                f"TorchLinearClassifier needs samples of at least 2 classes in the data, but the data "
+                f"contains only one class: {self.classes_[0]!r}"
+            )
+        with np.errstate(divide="ignore", invalid="ignore"):
+            class_weight = compute_class_weight(
+                self.class_weight, classes=self.classes_, y=y, sample_weight=sample_weight
+            )
+        class_weight = np.where(np.isfinite(class_weight), class_weight, 0.0)
+        weight = sample_weight * class_weight[y_enc]
+
+        kept = np.flatnonzero(weight > 0)
+        if len(np.unique(y_enc[kept])) < 2:
+            raise ValueError(
+                "TorchLinearClassifier needs samples of at least 2 classes with a positive weight "
+                "(sample_weight times class_weight), but only one class has any"
+            )
+        if len(kept) < len(y_enc):
+            X, y_enc, weight, sample_weight = X[kept], y_enc[kept], weight[kept], sample_weight[kept]
+
+        rng = check_random_state(self.random_state)
+        if self.early_stopping:
+            train, val = _validation_split(y_enc, self.validation_fraction, rng)
+        else:
+            train, val = np.arange(len(y_enc)), None
+
+        mean, scale = _weighted_standardisation(X[train], sample_weight[train])
+        seed = int(rng.randint(np.iinfo(np.int32).max))
+        result = _train(
+            self,
+            X=X,
+            y=y_enc,
+            weight=weight,
+            train=train,
+            val=val,
+            mean=mean,
+            scale=scale,
+            n_classes=n_classes,
+            seed=seed,
+        )
+        W, b = result.pop("weights")
+        coef = W / scale[None, :]
+        self.coef_ = coef.astype(np.float32)
+        self.intercept_ = (b - coef @ mean).astype(np.float32)
+        for name, value in result.items():
+            setattr(self, name, value)
+        return self
+
+    # ------------------------------------------------------------- predict
+
+    def _scores(self, X, rows):
+        """Raw class scores of ``X[rows]`` in float64 (each row computed on its own)."""
+        block = X[rows]
+        if block.dtype != np.float64:
+            block = block.astype(np.float64)
+        return block @ self.coef_.T.astype(np.float64) + self.intercept_.astype(np.float64)
+
+    def _blocks(self, n):
+        step = max(1, _SCORE_BLOCK_VALUES // max(len(self.classes_), self.n_features_in_))
+        return (slice(start, min(start + step, n)) for start in range(0, n, step))
+
+    def _validated(self, X):
+        check_is_fitted(self)
+        return validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
+
+    def _map_scores(self, X, transform, width):
+        X = self._validated(X)
+        out = np.empty((X.shape[0], width) if width else X.shape[0], dtype=np.float64)
+        for rows in self._blocks(X.shape[0]):
+            out[rows] = transform(self._scores(X, rows))
+        return out
+
+    def decision_function(self, X):
+        """Class scores ``X @ coef_.T + intercept_``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Vectors to score.
+
+        Returns
+        -------
+        scores : ndarray of shape (n_samples, n_classes), or (n_samples,) for two classes
+            For two classes, the score of ``classes_[1]`` minus that of ``classes_[0]``.
+        """
+        if len(self.classes_) == 2:
+            return self._map_scores(X, _binary_score, 0)
+        return self._map_scores(X, _identity, len(self.classes_))
+
+    def predict_proba(self, X):
+        """Probabilities of the classes (softmax of the scores; rows sum to 1).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Vectors to classify.
+
+        Returns
+        -------
+        proba : ndarray of shape (n_samples, n_classes)
+            Columns in the order of ``classes_``.
+        """
+        if len(self.classes_) == 2:
+            return self._map_scores(X, _binary_proba, 2)
+        return self._map_scores(X, _softmax_rows, len(self.classes_))
+
+    def predict_log_proba(self, X):
+        """Logarithm of :meth:`predict_proba`, computed stably.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Vectors to classify.
+
+        Returns
+        -------
+        log_proba : ndarray of shape (n_samples, n_classes)
+            Columns in the order of ``classes_``.
+        """
+        if len(self.classes_) == 2:
+            return self._map_scores(X, _binary_log_proba, 2)
+        return self._map_scores(X, _log_softmax_rows, len(self.classes_))
+
+    def predict(self, X):
+        """Most probable class of each row.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Vectors to classify.
+
+        Returns
+        -------
+        labels : ndarray of shape (n_samples,)
+            Labels from ``classes_``.
+        """
+        X = self._validated(X)
+        best = np.empty(X.shape[0], dtype=np.intp)
+        for rows in self._blocks(X.shape[0]):
+            best[rows] = self._scores(X, rows).argmax(axis=1)
+        return self.classes_[best]
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = False
+        tags.classifier_tags.multi_class = True
+        return tags
+
+
+# ---------------------------------------------------------------- helpers (numpy)
+
+
+def _identity(scores):
+    return scores
+
+
+def _binary_score(scores):
+    return scores[:, 1] - scores[:, 0]
+
+
+def _binary_proba(scores):
+    d = scores[:, 1] - scores[:, 0]
+    return np.column_stack([expit(-d), expit(d)])
+
+
+def _binary_log_proba(scores):
+    d = scores[:, 1] - scores[:, 0]
+    return np.column_stack([log_expit(-d), log_expit(d)])
+
+
+def _softmax_rows(scores):
+    return softmax(scores, axis=1)
+
+
+def _log_softmax_rows(scores):
+    return log_softmax(scores, axis=1)
+
+
+def _weighted_standardisation(X, sample_weight):
+    """Weighted mean and standard deviation of the columns (float64); constant columns get scale 1."""
+    w = sample_weight / sample_weight.sum()
+    step = max(1, (1 << 22) // max(1, X.shape[1]))
+    mean = np.zeros(X.shape[1], dtype=np.float64)
+    for start in range(0, X.shape[0], step):
+        mean += w[start : start + step] @ X[start : start + step].astype(np.float64)
+    var = np.zeros_like(mean)
+    for start in range(0, X.shape[0], step):
+        block = X[start : start + step].astype(np.float64) - mean
+        var += w[start : start + step] @ (block * block)
+    scale = np.sqrt(var)
+    scale[scale < 10 * np.finfo(np.float64).eps * np.maximum(1.0, np.abs(mean))] = 1.0
+    return mean, scale
+
+
+def _validation_split(y, fraction, rng):
+    """Indices (train, validation), stratified when every class has at least two rows."""
+    n = len(y)
+    n_val = math.ceil(fraction * n)
+    if n < 2 or n_val >= n:
+        raise ValueError(
+            f"early_stopping needs at least one training and one validation row, but {n} rows with "
+            f"validation_fraction={fraction} leave none for one of them: use more rows or set early_stopping=False"
+        )
+    index = np.arange(n)
+    try:
+        train, val = train_test_split(index, test_size=n_val, random_state=rng, stratify=y)
+    except ValueError:  # a class with one row, or fewer validation rows than classes
+        train, val = train_test_split(index, test_size=n_val, random_state=rng)
+    return np.sort(train), np.sort(val)
+
+
+# ---------------------------------------------------------------- training (torch)
+
+
+def _train(est, *, X, y, weight, train, val, mean, scale, n_classes, seed):
+    """Run the epochs; return the standardised-space weights (float64 numpy) and the fitted curves."""
+    import torch
+
+    from .._torch_data import resolve_device
+
+    device = resolve_device(est.device)
+    generator = torch.Generator().manual_seed(seed)
+
+    def to_device(array, dtype):
+        return torch.as_tensor(array, dtype=dtype).to(device)
+
+    mean_t = to_device(mean, torch.float32)
+    inv_scale_t = to_device(1.0 / scale, torch.float32)
+
+    def standardised(rows):
+        block = torch.from_numpy(X[rows]) if rows is not None else torch.from_numpy(X)
+        return block.to(device).sub_(mean_t).mul_(inv_scale_t)
+
+    X_train = standardised(train if len(train) < X.shape[0] else None)
+    y_train = to_device(y[train], torch.int64)
+    w_train = weight[train]
+    # Normalised so that a batch's loss is an unbiased estimate of the weighted mean over all rows.
+    w_train = to_device(w_train / w_train.mean(), torch.float32)
+    n_train, n_features = X_train.shape
+
+    prior = np.bincount(y[train], weights=weight[train], minlength=n_classes)
+    prior = np.maximum(prior / prior.sum(), 1e-12)
+    W = torch.zeros(n_classes, n_features, dtype=torch.float32, device=device)
+    b = to_device(np.log(prior) - np.log(prior).mean(), torch.float32)
+    W.grad = torch.zeros_like(W)
+    b.grad = torch.zeros_like(b)
+    optimizer = torch.optim.Adam([W, b], lr=est.learning_rate)
+
+    if val is not None:
+        X_val = standardised(val)
+        y_val = to_device(y[val], torch.int64)
+        w_val = to_device(weight[val], torch.float64)
+
+    batch_size = min(est.batch_size, n_train)
+    smoothing = float(est.label_smoothing)
+    alpha = float(est.alpha)
+    loss_curve, validation_scores = [], [] if val is not None else None
+    best = -np.inf if val is not None else np.inf
+    best_weights = None
+    no_improvement = 0
+    lr_drops = 0
+    converged = False
+
+    from tqdm.auto import tqdm
+
+    epochs = tqdm(range(est.max_epochs), desc="TorchLinearClassifier", unit="epoch", disable=not est.verbose)
+    for epoch in epochs:
+        order = torch.randperm(n_train, generator=generator).to(device)
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        for start in range(0, n_train, batch_size):
+            rows = order[start : start + batch_size]
+            total += _step(X_train[rows], y_train[rows], w_train[rows], W, b, smoothing, alpha) * len(rows)
+            optimizer.step()
+        loss = total.item() / n_train + 0.5 * alpha * float(torch.sum(W * W))
+        if not math.isfinite(loss):
+            raise ValueError(
+                f"the training loss became {loss} at epoch {epoch + 1}: the learning_rate "
+                f"{est.learning_rate} is too large for this data; lower it"
+            )
+        loss_curve.append(loss)
+
+        if val is not None:
+            score = _accuracy(X_val, y_val, w_val, W, b)
+            validation_scores.append(score)
+            improved = score > best + est.tol
+            if score > best:
+                best = score
+                best_weights = (W.detach().clone(), b.detach().clone())
+        else:
+            improved = loss < best - est.tol
+            best = min(best, loss)
+        no_improvement = 0 if improved else no_improvement + 1
+
+        if est.verbose:
+            epochs.set_postfix(loss=f"{loss:.5f}", **({"val": f"{validation_scores[-1]:.4f}"} if val is not None else {}))
+            logger.info(
+                "epoch %d: loss %.6f%s",
+                epoch + 1,
+                loss,
+                f", validation accuracy {validation_scores[-1]:.5f}" if val is not None else "",
+            )
+        if no_improvement >= est.n_iter_no_change:
+            if val is None and lr_drops < 2:
+                lr_drops += 1
+                no_improvement = 0
+                for group in optimizer.param_groups:
+                    group["lr"] /= 10
+                logger.info("training loss plateaued: learning rate divided by 10")
+                continue
+            converged = True
+            break
+    epochs.close()
+
+    if not converged:
+        warnings.warn(
+            f"TorchLinearClassifier: max_epochs={est.max_epochs} reached and the "
+            f"{'validation score' if val is not None else 'training loss'} still improves; "
+            "raise max_epochs (or tol)",
+            ConvergenceWarning,
+        )
+    if best_weights is not None:
+        W, b = best_weights
+    Ws = W.detach().to("cpu", torch.float64).numpy()
+    bs = b.detach().to("cpu", torch.float64).numpy()
+    return {
+        "weights": (Ws, bs),
+        "n_iter_": len(loss_curve),
+        "loss_curve_": loss_curve,
+        "validation_scores_": validation_scores,
+    }
+
+
+def _step(xb, yb, wb, W, b, smoothing, alpha):
+    """Weighted smoothed cross-entropy of one batch; writes its gradients (plus the L2 term) into W.grad, b.grad.
+
+    The gradient is written by hand (softmax minus target): about a third faster than autograd on CPU,
+    and it allocates one batch x classes array.
+    """
+    import torch
+
+    with torch.no_grad():
+        n, k = len(yb), W.shape[0]
+        z = torch.addmm(b, xb, W.T)
+        z.sub_(z.amax(dim=1, keepdim=True))
+        p = torch.exp(z)
+        norm = p.sum(dim=1, keepdim=True)
+        target = z.gather(1, yb[:, None]).squeeze(1)
+        losses = norm.log().squeeze(1) - (1.0 - smoothing) * target
+        if smoothing:
+            losses -= smoothing / k * z.sum(dim=1)
+        loss = torch.dot(losses, wb) / n
+
+        p.div_(norm)  # softmax
+        p.scatter_add_(1, yb[:, None], torch.full((n, 1), smoothing - 1.0, dtype=p.dtype, device=p.device))
+        if smoothing:
+            p.sub_(smoothing / k)
+        p.mul_((wb / n)[:, None])
+        torch.mm(p.T, xb, out=W.grad)
+        torch.sum(p, dim=0, out=b.grad)
+        if alpha:
+            W.grad.add_(W, alpha=alpha)
+    return loss.double()
+
+
+def _accuracy(X, y, w, W, b, block=8192):
+    import torch
+
+    with torch.no_grad():
+        right = torch.zeros((), dtype=torch.float64, device=X.device)
+        for start in range(0, X.shape[0], block):
+            z = torch.addmm(b, X[start : start + block], W.T)
+            hit = z.argmax(dim=1) == y[start : start + block]
+            right += (w[start : start + block] * hit).sum()
+        return float(right / w.sum())
