@@ -15,13 +15,14 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 _LAZY = {
     "CategoryTree": "skproduct.taxonomy",
     "EmbeddingCache": "skproduct.cache",
+    "HierarchicalClassifier": "skproduct.heads",
     "ImageEmbedder": "skproduct.embed",
     "BadImagePolicy": "skproduct.images",
     "load_image": "skproduct.images",
     "read_bson": "skproduct.io",
     "read_table": "skproduct.io",
 }
-_SUBMODULES = ("backbones", "cache", "datasets", "embed", "exceptions", "images", "io", "taxonomy")
+_SUBMODULES = ("backbones", "cache", "datasets", "embed", "exceptions", "heads", "images", "io", "metrics", "taxonomy")
 
 __all__ = sorted([*_LAZY, *_SUBMODULES, "__version__"])
 

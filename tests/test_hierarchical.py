@@ -176,3 +176,31 @@ def test_rows_are_valid_and_independent_of_their_batch(branching, strategy, seed
 @parametrize_with_checks([HierarchicalClassifier(strategy=s) for s in STRATEGIES])
 def test_sklearn_estimator_checks(estimator, check):
     check(estimator)
+
+
+@pytest.mark.slow
+def test_per_level_results_on_real_fashion_vectors(shared_data, tmp_path):
+    """Random-init backbone features of fashion-small (7/47/168 tree): every strategy beats the majority clearly."""
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from skproduct import ImageEmbedder
+    from skproduct.io import read_bson
+
+    tree = CategoryTree.from_csv(shared_data / "fashion-small" / "category_names.csv")
+    assert tree.level_sizes == (7, 47, 168)
+    products = read_bson(shared_data / "fashion-small" / "fashion_small.bson", index_path=tmp_path / "f.skpidx")
+    sample = products.sample(600, random_state=0)
+    X = ImageEmbedder("timm:test_resnet", pretrained=False, image_size=48, batch_size=64).fit_transform(sample)
+    y = sample["category_id"].to_numpy().astype(int)
+    train, test = slice(0, 400), slice(400, 600)
+    codes = tree.encode(y[test])
+    majority = [np.bincount(codes[:, level]).max() / len(codes) for level in range(3)]
+    for strategy in STRATEGIES:
+        model = make_pipeline(StandardScaler(), HierarchicalClassifier(tree=tree, strategy=strategy))
+        model.fit(X[train], y[train])
+        head, features = model[-1], model[0].transform(X[test])
+        accuracy = [np.mean(head.predict_level(features, level) == tree.level_labels(y[test], level)) for level in (0, 1)]
+        accuracy.append(np.mean(model.predict(X[test]) == y[test]))
+        for level in range(3):
+            assert accuracy[level] > majority[level] + 0.1, (strategy, level, accuracy, majority)

@@ -218,6 +218,13 @@ class HierarchicalClassifier(ClassifierMixin, BaseEstimator):
         proba = self.predict_proba(X)
         return self.classes_[np.argmax(proba, axis=1)]
 
+    def score(self, X, y, sample_weight=None) -> float:
+        """Leaf accuracy: the fraction of rows whose predicted leaf is the true one.
+
+        For per-level and hierarchical scores see :mod:`skproduct.metrics`.
+        """
+        return super().score(X, y, sample_weight=sample_weight)
+
     def predict_proba_level(self, X, level: int) -> np.ndarray:
         """Probabilities of the nodes at ``level`` (columns in ``tree_.nodes(level)`` order)."""
         proba = self.predict_proba(X)
