@@ -16,6 +16,7 @@ _LAZY = {
     "CategoryTree": "skproduct.taxonomy",
     "EmbeddingCache": "skproduct.cache",
     "HierarchicalClassifier": "skproduct.heads",
+    "TorchLinearClassifier": "skproduct.heads",
     "ImageEmbedder": "skproduct.embed",
     "BadImagePolicy": "skproduct.images",
     "load_image": "skproduct.images",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import threading
 import warnings
 from numbers import Integral, Real
 
@@ -25,6 +27,14 @@ __all__ = ["TorchLinearClassifier"]
 
 # Rows per block when scoring: bounds the float64 temporaries of predict/predict_proba to ~32 MB.
 _SCORE_BLOCK_VALUES = 1 << 22
+# Below this many multiply-adds per step (batch x classes x features), CPU training runs on one torch
+# thread: waking a second thread costs more than it saves, and on a busy machine far more (a 20-class,
+# 40-feature fit took 7.8 s with two threads and 0.11 s with one on a loaded 2-core machine).
+_SMALL_STEP = 1 << 22
+# Plateaus of the training loss that divide the learning rate by 10 before the next one ends training.
+_LR_DROPS = 2
+_THREADS_LOCK = threading.Lock()
+_THREADS_STATE = {"users": 0, "before": None}
 
 
 class TorchLinearClassifier(ClassifierMixin, BaseEstimator):
@@ -112,22 +122,30 @@ class TorchLinearClassifier(ClassifierMixin, BaseEstimator):
     -----
     The weights start from zero with intercepts at the log of the class frequencies, so a
     long-tailed problem starts at its prior. Rows with zero weight are dropped before training;
-    a fit with zero weights on some rows is the fit without those rows. The fitted estimator
-    holds numpy arrays only; :meth:`predict_proba` computes each row on its own (in float64),
-    so a row's probabilities never depend on the other rows of the batch.
+    a fit with zero weights on some rows is the fit without those rows. The gradient of the
+    softmax cross-entropy is written by hand (no autograd graph), and the standardised float32
+    training rows are copied to the device once per fit; each epoch draws one permutation and
+    gathers its batches there. On the CPU, small problems (batch x classes x features below
+    about 4 million) train on one torch thread, set for the fit and restored afterwards.
+
+    The fitted estimator holds numpy arrays only; :meth:`predict_proba` computes each row on its
+    own (in float64, in blocks of rows), so a row's probabilities never depend on the other rows
+    of the batch.
 
     Examples
     --------
     >>> from sklearn.datasets import make_classification
     >>> from skproduct.heads.linear import TorchLinearClassifier
-    >>> X, y = make_classification(n_samples=300, n_features=8, n_informative=5,
+    >>> X, y = make_classification(n_samples=1000, n_features=8, n_informative=5,
     ...                            n_classes=3, random_state=0)
-    >>> clf = TorchLinearClassifier(random_state=0).fit(X, y)
+    >>> clf = TorchLinearClassifier(batch_size=100, random_state=0).fit(X, y)
     >>> clf.coef_.shape, clf.coef_.dtype
     ((3, 8), dtype('float32'))
     >>> clf.predict_proba(X[:2]).sum(axis=1)
     array([1., 1.])
     >>> bool(clf.score(X, y) > 0.7)
+    True
+    >>> clf.n_iter_ < clf.max_epochs  # stopped on a plateau of the training loss
     True
     """
 
@@ -208,7 +226,7 @@ class TorchLinearClassifier(ClassifierMixin, BaseEstimator):
         if n_classes < 2:
             raise ValueError(
                 f"TorchLinearClassifier needs samples of at least 2 classes in the data, but the data "
-                f"contains only one class: {self.classes_[0]!r}"
+                f"contains only one class: {self.classes_.tolist()[0]!r}"
             )
         with np.errstate(divide="ignore", invalid="ignore"):
             class_weight = compute_class_weight(
@@ -230,9 +248,9 @@ class TorchLinearClassifier(ClassifierMixin, BaseEstimator):
         if self.early_stopping:
             train, val = _validation_split(y_enc, self.validation_fraction, rng)
         else:
-            train, val = np.arange(len(y_enc)), None
+            train, val = None, None  # all rows, without copying X
 
-        mean, scale = _weighted_standardisation(X[train], sample_weight[train])
+        mean, scale = _weighted_standardisation(X, sample_weight, train)
         seed = int(rng.randint(np.iinfo(np.int32).max))
         result = _train(
             self,
@@ -256,26 +274,27 @@ class TorchLinearClassifier(ClassifierMixin, BaseEstimator):
 
     # ------------------------------------------------------------- predict
 
-    def _scores(self, X, rows):
-        """Raw class scores of ``X[rows]`` in float64 (each row computed on its own)."""
-        block = X[rows]
-        if block.dtype != np.float64:
-            block = block.astype(np.float64)
-        return block @ self.coef_.T.astype(np.float64) + self.intercept_.astype(np.float64)
-
-    def _blocks(self, n):
-        step = max(1, _SCORE_BLOCK_VALUES // max(len(self.classes_), self.n_features_in_))
-        return (slice(start, min(start + step, n)) for start in range(0, n, step))
-
     def _validated(self, X):
-        check_is_fitted(self)
         return validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
+
+    def _score_blocks(self, X):
+        """``(rows, scores)`` over blocks of the validated ``X``.
+
+        Scores are computed in float64, each row on its own, in blocks that bound the temporaries to ~32 MB.
+        """
+        coef = self.coef_.T.astype(np.float64)
+        intercept = self.intercept_.astype(np.float64)
+        n = X.shape[0]
+        step = max(1, _SCORE_BLOCK_VALUES // max(len(self.classes_), self.n_features_in_))
+        for start in range(0, n, step):
+            rows = slice(start, min(start + step, n))
+            yield rows, X[rows].astype(np.float64, copy=False) @ coef + intercept
 
     def _map_scores(self, X, transform, width):
         X = self._validated(X)
         out = np.empty((X.shape[0], width) if width else X.shape[0], dtype=np.float64)
-        for rows in self._blocks(X.shape[0]):
-            out[rows] = transform(self._scores(X, rows))
+        for rows, scores in self._score_blocks(X):
+            out[rows] = transform(scores)
         return out
 
     def decision_function(self, X):
@@ -291,6 +310,7 @@ class TorchLinearClassifier(ClassifierMixin, BaseEstimator):
         scores : ndarray of shape (n_samples, n_classes), or (n_samples,) for two classes
             For two classes, the score of ``classes_[1]`` minus that of ``classes_[0]``.
         """
+        check_is_fitted(self)
         if len(self.classes_) == 2:
             return self._map_scores(X, _binary_score, 0)
         return self._map_scores(X, _identity, len(self.classes_))
@@ -308,6 +328,7 @@ class TorchLinearClassifier(ClassifierMixin, BaseEstimator):
         proba : ndarray of shape (n_samples, n_classes)
             Columns in the order of ``classes_``.
         """
+        check_is_fitted(self)
         if len(self.classes_) == 2:
             return self._map_scores(X, _binary_proba, 2)
         return self._map_scores(X, _softmax_rows, len(self.classes_))
@@ -325,6 +346,7 @@ class TorchLinearClassifier(ClassifierMixin, BaseEstimator):
         log_proba : ndarray of shape (n_samples, n_classes)
             Columns in the order of ``classes_``.
         """
+        check_is_fitted(self)
         if len(self.classes_) == 2:
             return self._map_scores(X, _binary_log_proba, 2)
         return self._map_scores(X, _log_softmax_rows, len(self.classes_))
@@ -342,11 +364,10 @@ class TorchLinearClassifier(ClassifierMixin, BaseEstimator):
         labels : ndarray of shape (n_samples,)
             Labels from ``classes_``.
         """
+        check_is_fitted(self)
         X = self._validated(X)
-        best = np.empty(X.shape[0], dtype=np.intp)
-        for rows in self._blocks(X.shape[0]):
-            best[rows] = self._scores(X, rows).argmax(axis=1)
-        return self.classes_[best]
+        best = [scores.argmax(axis=1) for _, scores in self._score_blocks(X)]
+        return self.classes_[np.concatenate(best)]
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -384,17 +405,26 @@ def _log_softmax_rows(scores):
     return log_softmax(scores, axis=1)
 
 
-def _weighted_standardisation(X, sample_weight):
-    """Weighted mean and standard deviation of the columns (float64); constant columns get scale 1."""
-    w = sample_weight / sample_weight.sum()
+def _weighted_standardisation(X, sample_weight, rows=None):
+    """Weighted mean and standard deviation of the columns of ``X[rows]`` (float64), in blocks of 32 MB.
+
+    Constant columns get scale 1.
+    """
+    w = sample_weight if rows is None else sample_weight[rows]
+    w = w / w.sum()
     step = max(1, (1 << 22) // max(1, X.shape[1]))
+    blocks = [slice(start, start + step) for start in range(0, len(w), step)]
+
+    def block_of(part):
+        return (X[part] if rows is None else X[rows[part]]).astype(np.float64)
+
     mean = np.zeros(X.shape[1], dtype=np.float64)
-    for start in range(0, X.shape[0], step):
-        mean += w[start : start + step] @ X[start : start + step].astype(np.float64)
+    for part in blocks:
+        mean += w[part] @ block_of(part)
     var = np.zeros_like(mean)
-    for start in range(0, X.shape[0], step):
-        block = X[start : start + step].astype(np.float64) - mean
-        var += w[start : start + step] @ (block * block)
+    for part in blocks:
+        centred = block_of(part) - mean
+        var += w[part] @ (centred * centred)
     scale = np.sqrt(var)
     scale[scale < 10 * np.finfo(np.float64).eps * np.maximum(1.0, np.abs(mean))] = 1.0
     return mean, scale
@@ -420,14 +450,47 @@ def _validation_split(y, fraction, rng):
 # ---------------------------------------------------------------- training (torch)
 
 
-def _train(est, *, X, y, weight, train, val, mean, scale, n_classes, seed):
+def _train(est, *, X, train, n_classes, **data):
+    """Resolve the device and run the epochs, on one CPU thread when the steps are small."""
+    from .._torch_data import resolve_device
+
+    try:
+        device = resolve_device(est.device)
+    except RuntimeError as error:
+        raise ValueError(
+            f"device={est.device!r} is not a torch device ({error}): use 'auto', 'cpu', 'cuda', 'cuda:1' or 'mps'"
+        ) from None
+    n_rows = X.shape[0] if train is None else len(train)
+    small = device.type == "cpu" and min(est.batch_size, n_rows) * n_classes * X.shape[1] < _SMALL_STEP
+    with _one_torch_thread() if small else contextlib.nullcontext():
+        return _train_on(device, est, X=X, train=train, n_classes=n_classes, **data)
+
+
+@contextlib.contextmanager
+def _one_torch_thread():
+    """Run torch on one intra-op thread, restoring the previous count when the last user leaves."""
+    import torch
+
+    with _THREADS_LOCK:
+        if _THREADS_STATE["users"] == 0:
+            _THREADS_STATE["before"] = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _THREADS_STATE["users"] += 1
+    try:
+        yield
+    finally:
+        with _THREADS_LOCK:
+            _THREADS_STATE["users"] -= 1
+            if _THREADS_STATE["users"] == 0:
+                torch.set_num_threads(_THREADS_STATE["before"])
+
+
+def _train_on(device, est, *, X, y, weight, train, val, mean, scale, n_classes, seed):
     """Run the epochs; return the standardised-space weights (float64 numpy) and the fitted curves."""
     import torch
 
-    from .._torch_data import resolve_device
-
-    device = resolve_device(est.device)
     generator = torch.Generator().manual_seed(seed)
+    wide = torch.float32 if device.type == "mps" else torch.float64  # sums over epochs (MPS has no float64)
 
     def to_device(array, dtype):
         return torch.as_tensor(array, dtype=dtype).to(device)
@@ -436,28 +499,39 @@ def _train(est, *, X, y, weight, train, val, mean, scale, n_classes, seed):
     inv_scale_t = to_device(1.0 / scale, torch.float32)
 
     def standardised(rows):
-        block = torch.from_numpy(X[rows]) if rows is not None else torch.from_numpy(X)
-        return block.to(device).sub_(mean_t).mul_(inv_scale_t)
+        """Standardised float32 copy of ``X[rows]`` (all rows for None) on the device, built in 64 MB blocks."""
+        n = X.shape[0] if rows is None else len(rows)
+        out = torch.empty((n, X.shape[1]), dtype=torch.float32, device=device)
+        step = max(1, (1 << 24) // max(1, X.shape[1]))
+        for start in range(0, n, step):
+            part = X[start : start + step] if rows is None else X[rows[start : start + step]]
+            with warnings.catch_warnings():  # read-only input (a memmap): only ever read here
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                block = torch.from_numpy(part).to(device)
+            target = out[start : start + step]
+            torch.sub(block, mean_t, out=target)
+            target.mul_(inv_scale_t)
+        return out
 
-    X_train = standardised(train if len(train) < X.shape[0] else None)
-    y_train = to_device(y[train], torch.int64)
-    w_train = weight[train]
+    if val is not None:
+        X_val = standardised(val)
+        y_val = to_device(y[val], torch.int64)
+        w_val = to_device(weight[val], wide)
+
+    X_train = standardised(train)
+    y_fit, w_fit = (y, weight) if train is None else (y[train], weight[train])
+    y_train = to_device(y_fit, torch.int64)
     # Normalised so that a batch's loss is an unbiased estimate of the weighted mean over all rows.
-    w_train = to_device(w_train / w_train.mean(), torch.float32)
+    w_train = to_device(w_fit / w_fit.mean(), torch.float32)
     n_train, n_features = X_train.shape
 
-    prior = np.bincount(y[train], weights=weight[train], minlength=n_classes)
+    prior = np.bincount(y_fit, weights=w_fit, minlength=n_classes)
     prior = np.maximum(prior / prior.sum(), 1e-12)
     W = torch.zeros(n_classes, n_features, dtype=torch.float32, device=device)
     b = to_device(np.log(prior) - np.log(prior).mean(), torch.float32)
     W.grad = torch.zeros_like(W)
     b.grad = torch.zeros_like(b)
     optimizer = torch.optim.Adam([W, b], lr=est.learning_rate)
-
-    if val is not None:
-        X_val = standardised(val)
-        y_val = to_device(y[val], torch.int64)
-        w_val = to_device(weight[val], torch.float64)
 
     batch_size = min(est.batch_size, n_train)
     smoothing = float(est.label_smoothing)
@@ -474,10 +548,10 @@ def _train(est, *, X, y, weight, train, val, mean, scale, n_classes, seed):
     epochs = tqdm(range(est.max_epochs), desc="TorchLinearClassifier", unit="epoch", disable=not est.verbose)
     for epoch in epochs:
         order = torch.randperm(n_train, generator=generator).to(device)
-        total = torch.zeros((), dtype=torch.float64, device=device)
+        total = torch.zeros((), dtype=wide, device=device)
         for start in range(0, n_train, batch_size):
             rows = order[start : start + batch_size]
-            total += _step(X_train[rows], y_train[rows], w_train[rows], W, b, smoothing, alpha) * len(rows)
+            total += _step(X_train[rows], y_train[rows], w_train[rows], W, b, smoothing, alpha).to(wide) * len(rows)
             optimizer.step()
         loss = total.item() / n_train + 0.5 * alpha * float(torch.sum(W * W))
         if not math.isfinite(loss):
@@ -508,7 +582,7 @@ def _train(est, *, X, y, weight, train, val, mean, scale, n_classes, seed):
                 f", validation accuracy {validation_scores[-1]:.5f}" if val is not None else "",
             )
         if no_improvement >= est.n_iter_no_change:
-            if val is None and lr_drops < 2:
+            if val is None and lr_drops < _LR_DROPS:
                 lr_drops += 1
                 no_improvement = 0
                 for group in optimizer.param_groups:
@@ -528,8 +602,8 @@ def _train(est, *, X, y, weight, train, val, mean, scale, n_classes, seed):
         )
     if best_weights is not None:
         W, b = best_weights
-    Ws = W.detach().to("cpu", torch.float64).numpy()
-    bs = b.detach().to("cpu", torch.float64).numpy()
+    Ws = W.detach().cpu().double().numpy()
+    bs = b.detach().cpu().double().numpy()
     return {
         "weights": (Ws, bs),
         "n_iter_": len(loss_curve),
@@ -541,8 +615,8 @@ def _train(est, *, X, y, weight, train, val, mean, scale, n_classes, seed):
 def _step(xb, yb, wb, W, b, smoothing, alpha):
     """Weighted smoothed cross-entropy of one batch; writes its gradients (plus the L2 term) into W.grad, b.grad.
 
-    The gradient is written by hand (softmax minus target): about a third faster than autograd on CPU,
-    and it allocates one batch x classes array.
+    The gradient is written by hand (softmax minus target, in place on the one batch x classes array): about a
+    third faster than autograd on CPU, and half the memory.
     """
     import torch
 
@@ -550,31 +624,31 @@ def _step(xb, yb, wb, W, b, smoothing, alpha):
         n, k = len(yb), W.shape[0]
         z = torch.addmm(b, xb, W.T)
         z.sub_(z.amax(dim=1, keepdim=True))
-        p = torch.exp(z)
-        norm = p.sum(dim=1, keepdim=True)
-        target = z.gather(1, yb[:, None]).squeeze(1)
-        losses = norm.log().squeeze(1) - (1.0 - smoothing) * target
+        losses = z.gather(1, yb[:, None]).squeeze(1).mul_(smoothing - 1.0)
         if smoothing:
-            losses -= smoothing / k * z.sum(dim=1)
-        loss = torch.dot(losses, wb) / n
+            losses.sub_(z.sum(dim=1), alpha=smoothing / k)
+        p = z.exp_()
+        norm = p.sum(dim=1)
+        losses.add_(norm.log())
+        scaled = wb / n
+        loss = torch.dot(losses, scaled)
 
-        p.div_(norm)  # softmax
-        p.scatter_add_(1, yb[:, None], torch.full((n, 1), smoothing - 1.0, dtype=p.dtype, device=p.device))
+        p.mul_((scaled / norm)[:, None])  # weighted softmax
+        p.scatter_add_(1, yb[:, None], (scaled * (smoothing - 1.0))[:, None])
         if smoothing:
-            p.sub_(smoothing / k)
-        p.mul_((wb / n)[:, None])
-        torch.mm(p.T, xb, out=W.grad)
+            p.sub_((scaled * (smoothing / k))[:, None])
+        W.grad.addmm_(p.T, xb, beta=0.0)
         torch.sum(p, dim=0, out=b.grad)
         if alpha:
             W.grad.add_(W, alpha=alpha)
-    return loss.double()
+    return loss
 
 
 def _accuracy(X, y, w, W, b, block=8192):
     import torch
 
     with torch.no_grad():
-        right = torch.zeros((), dtype=torch.float64, device=X.device)
+        right = torch.zeros((), dtype=w.dtype, device=X.device)
         for start in range(0, X.shape[0], block):
             z = torch.addmm(b, X[start : start + block], W.T)
             hit = z.argmax(dim=1) == y[start : start + block]
