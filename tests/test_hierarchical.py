@@ -204,3 +204,13 @@ def test_per_level_results_on_real_fashion_vectors(shared_data, tmp_path):
         accuracy.append(np.mean(model.predict(X[test]) == y[test]))
         for level in range(3):
             assert accuracy[level] > majority[level] + 0.1, (strategy, level, accuracy, majority)
+
+
+def test_torch_linear_head_as_the_local_estimator(tree):
+    from skproduct.heads import TorchLinearClassifier
+
+    X, y = _hierarchical_data(tree, 600)
+    model = HierarchicalClassifier(TorchLinearClassifier(max_epochs=30, random_state=0), tree=tree).fit(X, y)
+    assert model.score(X, y) > 0.8
+    assert isinstance(model.local_estimators_[(0, -1)], TorchLinearClassifier)
+    assert np.allclose(model.predict_proba(X[:7]).sum(axis=1), 1)

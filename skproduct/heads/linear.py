@@ -103,7 +103,7 @@ class TorchLinearClassifier(ClassifierMixin, BaseEstimator):
         Intercepts on the raw features.
     n_features_in_ : int
         Number of features seen in fit.
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape (`n_features_in_`,)
         Names of the features, when ``X`` had string column names.
     n_iter_ : int
         Epochs run.
@@ -332,6 +332,10 @@ class TorchLinearClassifier(ClassifierMixin, BaseEstimator):
         if len(self.classes_) == 2:
             return self._map_scores(X, _binary_proba, 2)
         return self._map_scores(X, _softmax_rows, len(self.classes_))
+
+    def score(self, X, y, sample_weight=None) -> float:
+        """Mean accuracy of :meth:`predict` on ``X`` against ``y``."""
+        return super().score(X, y, sample_weight=sample_weight)
 
     def predict_log_proba(self, X):
         """Logarithm of :meth:`predict_proba`, computed stably.
