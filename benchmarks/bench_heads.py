@@ -81,8 +81,8 @@ machine.
 
 Run it from the repository root::
 
-    python benchmarks/bench_heads.py                    # the full run (about 25 minutes on 2 cores)
-    python benchmarks/bench_heads.py --quick            # a few minutes: 5,000 + 3,000 rows, 60 s budget
+    python benchmarks/bench_heads.py                    # the full run (about 15 minutes on 2 cores)
+    python benchmarks/bench_heads.py --quick            # about 5 minutes: 5,000 + 3,000 rows, 60 s budget
     python benchmarks/bench_heads.py --parts synthetic --heads logreg,lgbm --budget-s 120
     python benchmarks/bench_heads.py --device cuda      # TorchLinearClassifier on a GPU
 
