@@ -49,7 +49,6 @@ import gc
 import io
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -66,6 +65,7 @@ import pymongo
 
 import skproduct
 from skproduct.io import read_bson
+import _common  # benchmarks/_common.py, beside this script
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path("/work/shared/data")
@@ -530,15 +530,8 @@ def format_table(results: list[dict]) -> str:
 
 
 def machine_info() -> dict:
-    try:
-        memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
-    except (ValueError, OSError, AttributeError):
-        memory_gib = None
     return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "memory_gib": memory_gib,
+        **_common.machine_info(),
         "python": sys.version.split()[0],
         "numpy": np.__version__,
         "pandas": pd.__version__,

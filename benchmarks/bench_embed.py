@@ -65,14 +65,12 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import contextlib
 import copy
 import cProfile
 import datetime as _dt
 import io
 import json
 import os
-import platform
 import pstats
 import shutil
 import statistics
@@ -84,6 +82,7 @@ from pathlib import Path
 from unittest import mock
 
 import numpy as np
+import _common  # benchmarks/_common.py, beside this script
 
 DEFAULT_IMAGES = Path("/work/shared/data/shopee-sample/images")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_embed.json"
@@ -95,55 +94,18 @@ TARGETS = {
 
 
 # -- helpers ------------------------------------------------------------------
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": sys.version.split()[0]}
-    for name in ("skproduct", "torch", "torchvision", "timm", "pillow", "numpy", "scikit-learn", "embetter"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = None
-    return out
-
-
 def machine_info(device) -> dict:
     import torch
 
-    try:
-        memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
-    except (ValueError, OSError, AttributeError):
-        memory_gib = None
-    cpu_model = None
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
     info = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_model": cpu_model,
-        "cpu_count": os.cpu_count(),
-        "memory_gib": memory_gib,
+        **_common.machine_info(),
         "torch_threads": torch.get_num_threads(),
         "torch_parallel_backend": torch.__config__.parallel_info().splitlines()[-1].strip(),
         "device": str(device),
-        "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
-
-
-def _busy_cpu_seconds() -> float | None:
-    """CPU seconds the whole machine has been busy (all processes), from /proc/stat; None elsewhere."""
-    try:
-        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    except (OSError, ValueError, IndexError):
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def _own_cpu_seconds() -> float:
@@ -348,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     embedder(cache=warm_cache).fit(warm).transform(warm)
 
     # Timed runs, round-robin; other processes' CPU use over them is recorded (a noise indicator).
-    busy0, own0, wall0 = _busy_cpu_seconds(), _own_cpu_seconds(), time.perf_counter()
+    busy0, own0, wall0 = _common.busy_cpu_seconds(), _own_cpu_seconds(), time.perf_counter()
     times: dict[str, list[float]] = {name: [] for name in methods}
     outputs: dict[str, np.ndarray] = {}
     cache_runs: list[dict] = []
@@ -387,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(fit {1e3 * (t3 - t2):.1f} ms), new process {1e3 * child['transform_s']:.1f} ms", flush=True)
         shutil.rmtree(cache_dir, ignore_errors=True)
 
-    busy1, own1, wall1 = _busy_cpu_seconds(), _own_cpu_seconds(), time.perf_counter()
+    busy1, own1, wall1 = _common.busy_cpu_seconds(), _own_cpu_seconds(), time.perf_counter()
     other_cpu = None if busy0 is None else max(0.0, (busy1 - busy0) - (own1 - own0))
     if other_cpu is not None:
         machine["other_processes_cpu_s_during_timing"] = other_cpu
@@ -480,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "bench_embed",
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": machine,
-        "versions": _versions(),
+        "versions": _common.versions(("skproduct", "torch", "torchvision", "timm", "pillow", "numpy", "scikit-learn", "embetter")),
         "settings": {
             "model": args.model, "backbone": backbone, "image_size": args.image_size,
             "batch_size": args.batch_size, "images": str(args.images), "distinct_pictures": len(paths),

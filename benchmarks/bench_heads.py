@@ -97,7 +97,6 @@ import contextlib
 import datetime as _dt
 import json
 import os
-import platform
 import queue
 import resource
 import shutil
@@ -111,6 +110,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import _common  # benchmarks/_common.py, beside this script
 
 SHARED = Path("/work/shared/data")
 CDISCOUNT_TREE = SHARED / "cdiscount" / "category_names.csv"
@@ -130,49 +130,6 @@ RESULT = "@@RESULT@@"
 
 
 # -- helpers ------------------------------------------------------------------
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": sys.version.split()[0]}
-    for name in ("skproduct", "numpy", "scipy", "scikit-learn", "lightgbm", "torch", "timm", "pandas"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def machine_info() -> dict:
-    try:
-        memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
-    except (ValueError, OSError, AttributeError):
-        memory_gib = None
-    cpu_model = None
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_model": cpu_model,
-        "cpu_count": os.cpu_count(),
-        "memory_gib": memory_gib,
-        "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
-    }
-
-
-def _busy_cpu_seconds() -> float | None:
-    """CPU seconds the whole machine has been busy (all processes), from /proc/stat; None elsewhere."""
-    try:
-        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    except (OSError, ValueError, IndexError):
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
 def _format_table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(str(v).ljust(w) if i < 2 else str(v).rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
@@ -397,7 +354,7 @@ def launch_cell(cfg: dict, budget_s: float, load_timeout_s: float = 300.0) -> di
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env[var] = str(cfg["threads"])
     env["PYTHONWARNINGS"] = "ignore"
-    busy0, wall0 = _busy_cpu_seconds(), time.perf_counter()
+    busy0, wall0 = _common.busy_cpu_seconds(), time.perf_counter()
     own0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--_cell", json.dumps(cfg)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
@@ -437,7 +394,7 @@ def launch_cell(cfg: dict, budget_s: float, load_timeout_s: float = 300.0) -> di
         else:
             output.append(line)
     own1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    busy1, wall1 = _busy_cpu_seconds(), time.perf_counter()
+    busy1, wall1 = _common.busy_cpu_seconds(), time.perf_counter()
     child_cpu = (own1.ru_utime + own1.ru_stime) - (own0.ru_utime + own0.ru_stime)
     result["wall_s_with_startup"] = wall1 - wall0
     if busy0 is not None:
@@ -588,8 +545,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     run_dir = Path(tempfile.mkdtemp(prefix="cells-", dir=args.workdir))
-    machine = machine_info()
-    busy0, wall0 = _busy_cpu_seconds(), time.perf_counter()
+    machine = _common.machine_info()
+    busy0, wall0 = _common.busy_cpu_seconds(), time.perf_counter()
     own0 = resource.getrusage(resource.RUSAGE_SELF)
     results: dict = {}
     tables: list[str] = []
@@ -653,7 +610,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
 
-    busy1, wall1 = _busy_cpu_seconds(), time.perf_counter()
+    busy1, wall1 = _common.busy_cpu_seconds(), time.perf_counter()
     own1 = resource.getrusage(resource.RUSAGE_SELF)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     own_cpu = (own1.ru_utime + own1.ru_stime - own0.ru_utime - own0.ru_stime
@@ -684,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": " ".join(["python benchmarks/bench_heads.py", *raw]),
         "machine": machine,
-        "versions": _versions(),
+        "versions": _common.versions(("skproduct", "numpy", "scipy", "scikit-learn", "lightgbm", "torch", "timm", "pandas")),
         "settings": {
             "parts": parts, "strategies": args.strategies, "heads": heads, "budget_s": args.budget_s,
             "n": args.n, "fashion_n": args.fashion_n, "test_size": args.test_size, "seed": args.seed,
