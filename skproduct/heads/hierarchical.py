@@ -284,8 +284,10 @@ class HierarchicalClassifier(ClassifierMixin, BaseEstimator):
                     conditional[:, children[0]] = 1.0
                 elif model is None:  # no training row reached this node
                     conditional[:, children] = 1.0 / len(children)
-                else:
-                    conditional += self._level_proba(X, level, model, size)
+                elif isinstance(model, (int, np.integer)):  # the node saw one child in training
+                    conditional[:, int(model)] = 1.0
+                else:  # only this node's children's columns: no rows x nodes array per local model
+                    conditional[:, model.classes_.astype(int)] = model.predict_proba(X)
             proba = proba[:, parents] * conditional
         return proba / proba.sum(axis=1, keepdims=True)
 
