@@ -1,14 +1,20 @@
-"""torch pieces of the image estimators: the picture dataset and device/precision choices.
+"""torch pieces of the image estimators: the picture dataset, the inference loop, device and precision choices.
 
 Imported only when a model runs, so that ``import skproduct`` never imports torch.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .images import BadImagePolicy
+
+logger = logging.getLogger(__name__)
 
 
 class PictureDataset(Dataset):
@@ -47,6 +53,50 @@ def picture_loader(dataset: PictureDataset, batch_size: int, num_workers: int, d
         pin_memory=device.type == "cuda",
         persistent_workers=False,
     )
+
+
+def forward_pictures(
+    module: Callable[[torch.Tensor], torch.Tensor],
+    dataset: PictureDataset,
+    width: int,
+    *,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    precision: str,
+    on_error: str,
+    progress,
+    on_batch: Callable[[np.ndarray, np.ndarray], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Run ``module`` over every picture of ``dataset`` in inference mode: float32 ``(n, width)`` outputs and ``used``.
+
+    Pictures go through in order, channels-last, under autocast for bf16/fp16;
+    ``on_batch(positions, outputs)`` is called after each batch with the
+    positions of the pictures that decoded and their outputs (the embedder
+    stores finished vectors there). Pictures the policy skipped get zeros and
+    ``used=False``; the number that did not decode is logged once.
+    """
+    outputs = np.zeros((len(dataset), width), dtype=np.float32)
+    used = np.zeros(len(dataset), dtype=bool)
+    decoded = np.zeros(len(dataset), dtype=bool)
+    dtype = autocast_dtype(precision)
+    with torch.inference_mode(), progress:
+        for pixels, batch_used, batch_decoded, positions in picture_loader(dataset, batch_size, num_workers, device):
+            pixels = pixels.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                out = module(pixels)
+            positions = positions.numpy()
+            outputs[positions] = out.float().cpu().numpy()
+            used[positions], decoded[positions] = batch_used.numpy(), batch_decoded.numpy()
+            if on_batch is not None:
+                good = positions[batch_decoded.numpy()]
+                on_batch(good, outputs[good])
+            progress.update(len(positions))
+    n_bad = int((~decoded).sum())
+    if n_bad:
+        done = "skipped" if on_error == "skip" else "replaced by blank pictures"
+        logger.warning("%d of %d pictures could not be decoded and were %s", n_bad, len(dataset), done)
+    return outputs, used
 
 
 def resolve_device(device: str) -> torch.device:

@@ -265,25 +265,26 @@ def _build_timm(spec: BackboneSpec, pretrained: bool, image_size: int | None):
 def _build_open_clip(spec: BackboneSpec, pretrained: bool, weights: str | None, image_size: int | None):
     import open_clip
 
-    source = os.fspath(weights) if weights is not None else (spec.tag if pretrained else None)
-    if weights is not None:
-        file_sha256(weights)  # a clear error for a missing file
+    source = spec.tag if pretrained and weights is None else None
     try:
         model = open_clip.create_model(spec.name, pretrained=source, force_image_size=image_size)
     except (OSError, RuntimeError) as exc:
-        if weights is None and pretrained:
+        if source is not None:
             raise _offline_error(spec, exc) from exc
         raise
-
+    if weights is not None:  # a whole CLIP checkpoint or the image tower's own state dict
+        load_weights_file(model.visual, weights, str(spec), prefix="visual.")
     return model.visual  # the image tower: (N, 3, S, S) -> (N, embed_dim)
 
 
-def load_weights_file(module, path: str | os.PathLike, name: str) -> None:
+def load_weights_file(module, path: str | os.PathLike, name: str, prefix: str | None = None) -> None:
     """Load a local checkpoint into ``module``, ignoring classifier weights the module does not have.
 
     Accepts a plain state dict or one nested under ``"state_dict"`` or
-    ``"model"``. Raises ``ValueError`` naming the missing parameters when the
-    file does not fit the architecture.
+    ``"model"``. With ``prefix`` (``"visual."`` for a CLIP image tower), keys
+    under it are taken without it when the file has any. Raises
+    ``ValueError`` naming the missing parameters when the file does not fit
+    the architecture.
     """
     import torch
 
@@ -292,6 +293,8 @@ def load_weights_file(module, path: str | os.PathLike, name: str) -> None:
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
+    if prefix is not None and any(k.startswith(prefix) for k in state):
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     own = module.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     missing = sorted(set(own) - set(usable))

@@ -64,8 +64,8 @@ def image_refs(X, column: str | None = None) -> list[list]:
         )
     if isinstance(X, np.ndarray) and X.dtype != object:
         raise TypeError(
-            "X is a numeric array; ImageEmbedder takes picture references (paths, bytes, PIL images, uint8 "
-            "arrays, BsonImageRef), one item (or list of items) per product"
+            "X is a numeric array; skproduct's image estimators take picture references (paths, bytes, PIL "
+            "images, uint8 arrays, BsonImageRef), one item (or list of items) per product"
         )
     products = []
     for position, item in enumerate(X):
@@ -296,47 +296,32 @@ class ImageEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         import torch
         from tqdm.auto import tqdm
 
-        from ._torch_data import PictureDataset, autocast_dtype, picture_loader
+        from ._torch_data import PictureDataset, forward_pictures
 
-        module = self._model()
-        device = torch.device(self.device_)
         dataset = PictureDataset(
             refs, self.preprocessing_.transform(), self.on_error, self.preprocessing_.image_size,
             self.preprocessing_.draft_size,
         )
-        vectors = np.zeros((len(refs), self.n_features_out_), dtype=np.float32)
-        used = np.zeros(len(refs), dtype=bool)
-        decoded = np.zeros(len(refs), dtype=bool)
-        pending: list[np.ndarray] = []
-        dtype = autocast_dtype(self.precision_)
+        pending: list[tuple[np.ndarray, np.ndarray]] = []
+
+        def store(positions: np.ndarray, vectors: np.ndarray) -> None:
+            pending.append((keys[positions], vectors))
+            if sum(len(k) for k, _ in pending) >= _FLUSH_EVERY:
+                self._flush(cache, pending)
+
         progress = tqdm(total=len(refs), unit="img", disable=not self.verbose, desc=f"embedding ({self.backbone})")
-        with torch.inference_mode(), progress:
-            for pixels, batch_used, batch_decoded, positions in picture_loader(
-                dataset, self.batch_size, self.num_workers, device
-            ):
-                pixels = pixels.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                    out = module(pixels)
-                positions = positions.numpy()
-                vectors[positions] = out.float().cpu().numpy()
-                used[positions], decoded[positions] = batch_used.numpy(), batch_decoded.numpy()
-                if cache is not None:
-                    pending.append(positions[batch_decoded.numpy()])
-                    if sum(map(len, pending)) >= _FLUSH_EVERY:
-                        self._flush(cache, keys, vectors, pending)
-                progress.update(len(positions))
+        vectors, used = forward_pictures(
+            self._model(), dataset, self.n_features_out_, batch_size=self.batch_size, num_workers=self.num_workers,
+            device=torch.device(self.device_), precision=self.precision_, on_error=self.on_error, progress=progress,
+            on_batch=None if cache is None else store,
+        )
         if cache is not None:
-            self._flush(cache, keys, vectors, pending)
-        n_bad = int((~decoded).sum())
-        if n_bad:
-            done = "skipped" if self.on_error == "skip" else "replaced by blank pictures"
-            logger.warning("%d of %d pictures could not be decoded and were %s", n_bad, len(refs), done)
+            self._flush(cache, pending)
         return vectors, used
 
-    def _flush(self, cache: EmbeddingCache, keys: np.ndarray, vectors: np.ndarray, pending: list) -> None:
+    def _flush(self, cache: EmbeddingCache, pending: list[tuple[np.ndarray, np.ndarray]]) -> None:
         if pending:
-            positions = np.concatenate(pending)
-            cache.put(self.fingerprint_, keys[positions], vectors[positions])
+            cache.put(self.fingerprint_, np.concatenate([k for k, _ in pending]), np.concatenate([v for _, v in pending]))
             pending.clear()
 
     def _pool(self, vectors: np.ndarray, used: np.ndarray, owner: np.ndarray, n_products: int) -> np.ndarray:
