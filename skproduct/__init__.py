@@ -15,6 +15,7 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 _LAZY = {
     "CategoryTree": "skproduct.taxonomy",
     "EmbeddingCache": "skproduct.cache",
+    "FineTuneClassifier": "skproduct.finetune",
     "HierarchicalClassifier": "skproduct.heads",
     "TorchLinearClassifier": "skproduct.heads",
     "ImageEmbedder": "skproduct.embed",
@@ -23,7 +24,7 @@ _LAZY = {
     "read_bson": "skproduct.io",
     "read_table": "skproduct.io",
 }
-_SUBMODULES = ("backbones", "cache", "datasets", "embed", "exceptions", "heads", "images", "io", "metrics", "taxonomy")
+_SUBMODULES = ("backbones", "cache", "datasets", "embed", "exceptions", "finetune", "heads", "images", "io", "metrics", "taxonomy")
 
 __all__ = sorted([*_LAZY, *_SUBMODULES, "__version__"])
 

@@ -18,6 +18,8 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .exceptions import WeightsUnavailableError
+
 logger = logging.getLogger(__name__)
 
 FAMILIES = ("timm", "open_clip")
@@ -240,8 +242,8 @@ def build_backbone(
     return module.eval()
 
 
-def _offline_error(spec: BackboneSpec, exc: Exception) -> RuntimeError:
-    return RuntimeError(
+def _offline_error(spec: BackboneSpec, exc: Exception) -> WeightsUnavailableError:
+    return WeightsUnavailableError(
         f"pretrained weights for {spec} could not be downloaded (offline?): pass weights='path/to/file' "
         f"with a local copy, or pretrained=False for random weights ({type(exc).__name__}: {exc})"
     )

@@ -7,6 +7,7 @@ __all__ = [
     "BsonTruncatedError",
     "ImageDecodeError",
     "MissingImagesError",
+    "WeightsUnavailableError",
 ]
 
 
@@ -65,3 +66,11 @@ class MissingImagesError(FileNotFoundError):
 
     def __reduce__(self):
         return type(self), (self.args[0], self.problems)
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights could not be downloaded (offline, or the model hub is unreachable).
+
+    The message says how to go on: pass ``weights='path/to/file'`` with a local
+    copy of the weights, or ``pretrained=False`` for random (seeded) weights.
+    """
