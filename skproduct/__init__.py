@@ -24,7 +24,10 @@ _LAZY = {
     "read_bson": "skproduct.io",
     "read_table": "skproduct.io",
 }
-_SUBMODULES = ("backbones", "cache", "datasets", "embed", "exceptions", "finetune", "heads", "images", "io", "metrics", "taxonomy")
+_SUBMODULES = (
+    "backbones", "cache", "datasets", "demo", "embed", "exceptions", "finetune", "heads", "images", "io", "metrics",
+    "taxonomy",
+)
 
 __all__ = sorted([*_LAZY, *_SUBMODULES, "__version__"])
 
