@@ -19,7 +19,8 @@ from sklearn.utils.validation import check_is_fitted
 from .backbones import build_backbone, parse_backbone, resolve_preprocessing
 from .cache import EmbeddingCache
 from .embed import ImageEmbedder, image_refs
-from .images import ON_ERROR_CHOICES, picture_content
+from .exceptions import ImageDecodeError
+from .images import ON_ERROR_CHOICES, describe_image_ref, picture_content
 from .taxonomy import CategoryTree
 
 logger = logging.getLogger(__name__)
@@ -85,7 +86,8 @@ class FineTuneClassifier(ClassifierMixin, TransformerMixin, BaseEstimator):
     label_smoothing : float, default=0.1
         Label smoothing of the cross-entropy (of every level's).
     class_weight : dict, "balanced" or None, default=None
-        Weights of the classes (leaves) in the loss; ``"balanced"`` weighs
+        Weights of the classes (leaves) in the loss: a dict gives the weight
+        of the classes it names (1 for the others); ``"balanced"`` weighs
         them inversely to their frequency (the long tail).
     image_size : int, optional
         Input side in pixels; defaults to the backbone's own.
@@ -363,7 +365,9 @@ class FineTuneClassifier(ClassifierMixin, TransformerMixin, BaseEstimator):
             )
         counts = np.unique(leaves, return_counts=True)[1]
         stratify = leaves if counts.min() >= 2 and n_valid >= len(counts) else None
-        train, valid = train_test_split(everything, test_size=n_valid, stratify=stratify, random_state=self.random_state)
+        train, valid = train_test_split(
+            everything, test_size=n_valid, stratify=stratify, random_state=self.random_state
+        )
         self.validation_products_ = np.sort(valid)
         return np.sort(train), self.validation_products_
 
@@ -373,10 +377,13 @@ class FineTuneClassifier(ClassifierMixin, TransformerMixin, BaseEstimator):
         self._prior = np.bincount(leaf[train], minlength=len(self.classes_)) / len(train)
         if self.class_weight is None:
             return np.ones(len(y))
-        present = np.unique(y[train])
-        per_class = compute_class_weight(self.class_weight, classes=present, y=y[train])
-        lookup = dict(zip(present.tolist(), per_class))
-        return np.array([lookup.get(label, 1.0) for label in y.tolist()])
+        if isinstance(self.class_weight, dict):
+            lookup = self.class_weight
+        else:
+            present = np.unique(y[train])
+            per_class = compute_class_weight(self.class_weight, classes=present, y=y[train])
+            lookup = dict(zip(present.tolist(), per_class, strict=True))
+        return np.array([float(lookup.get(label, 1.0)) for label in y.tolist()])
 
     # -- the training loop --------------------------------------------------------
     def _train(self, refs, owner, codes, leaf_index, product_weights, train, valid, checkpoint: Path | None) -> None:
@@ -411,11 +418,11 @@ class FineTuneClassifier(ClassifierMixin, TransformerMixin, BaseEstimator):
             self._resume(checkpoint, network, optimizer, scaler, state, first_epoch)
         n_steps = len(epoch_batches(len(picture_rows), self.batch_size, np.random.default_rng(0)))
         for epoch in range(state["epoch"], self.epochs):
+            if self.trainable == "head_then_all" and epoch == self.head_epochs:
+                state["stale"] = 0  # the unfrozen network gets its own patience
             if state["stale"] >= self.n_iter_no_change:
                 break
             frozen, phase_start, phase_epochs = self._phase(epoch)
-            if self.trainable == "head_then_all" and epoch == self.head_epochs:
-                state["stale"] = 0  # the unfrozen network gets its own patience
             seed = (self.random_state, first_epoch + epoch)
             torch.manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
             batches = epoch_batches(len(picture_rows), self.batch_size, np.random.default_rng(seed))
@@ -491,7 +498,7 @@ class FineTuneClassifier(ClassifierMixin, TransformerMixin, BaseEstimator):
             if name not in _UNSET_FOR_CHECKPOINT_KEY
         }
         digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
-        digest.update(EmbeddingCache.keys_for([picture_content(ref) for ref in refs]).tobytes())
+        digest.update(EmbeddingCache.keys_for([_content_or_name(ref) for ref in refs]).tobytes())
         digest.update(owner.tobytes())
         digest.update(json.dumps([str(v) for v in y.tolist()]).encode())
         digest.update(f"after:{len(self.history_) if continuing else 0}".encode())
@@ -702,6 +709,14 @@ def _mean_per_product(values, used, owner, n_products: int, fallback: np.ndarray
             int(empty.sum()), int(np.flatnonzero(empty)[0]),
         )
     return out
+
+
+def _content_or_name(ref) -> bytes:
+    """A picture's content for the checkpoint's name; an unreadable one is named (the policy handles it in training)."""
+    try:
+        return picture_content(ref)
+    except ImageDecodeError:
+        return f"unreadable:{describe_image_ref(ref)}".encode()
 
 
 def _tree_digest(tree: CategoryTree) -> str:

@@ -281,6 +281,27 @@ def test_bad_pictures_follow_the_shared_policy(fashion, tmp_path):
     np.testing.assert_allclose(skipping.predict_proba([[b"junk"]])[0], prior)
 
 
+def test_class_weight_dict_weighs_the_loss(fashion):
+    train, test = fashion
+    small = train.groupby("category_id").head(10)
+    only = FASHION_LEAVES[2]
+    weights = {leaf: 0.0 for leaf in FASHION_LEAVES if leaf != only}  # only one class counts in the loss
+    model = FineTuneClassifier(**TINY, epochs=3, lr=1e-2, early_stopping=False, class_weight=weights)
+    model.fit(small, small["category_id"].to_numpy())
+    assert (model.predict(test) == only).all()
+
+
+def test_checkpoints_with_unreadable_pictures_under_skip(fashion, tmp_path):
+    train, _ = fashion
+    small = train.groupby("category_id").head(6)
+    pictures = [[ref] for ref in small["images"].map(lambda refs: refs[0])]
+    pictures[0] = [pictures[0][0], str(tmp_path / "missing.jpg")]
+    y = small["category_id"].to_numpy()
+    model = FineTuneClassifier(**TINY, epochs=1, early_stopping=False, on_error="skip", checkpoint_dir=tmp_path / "c")
+    model.fit(pictures, y)
+    assert len(list((tmp_path / "c").glob("finetune-*.pt"))) == 1
+
+
 def test_clear_errors_for_wrong_input(fashion, fashion_tree):
     train, _ = fashion
     small = train.iloc[:12]
