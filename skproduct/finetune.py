@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["FineTuneClassifier"]
 
+_PRODUCTS_PER_CHUNK = 4096  # products predicted together: bounds memory at pictures x classes of one chunk
 _UNSET_FOR_CHECKPOINT_KEY = ("verbose", "num_workers", "checkpoint_dir", "device", "warm_start")
 
 
@@ -408,8 +409,7 @@ class FineTuneClassifier(ClassifierMixin, TransformerMixin, BaseEstimator):
         )
         targets = torch.as_tensor(codes[owner[picture_rows]], dtype=torch.long)
         weights = torch.as_tensor(product_weights[owner[picture_rows]], dtype=torch.float32)
-        valid_rows = np.flatnonzero(np.isin(owner, valid))
-        valid_refs, valid_owner = [refs[i] for i in valid_rows], np.searchsorted(valid, owner[valid_rows])
+        valid_products = _group(refs, owner, valid)
         optimizer = make_optimizer(network, self.lr, self.weight_decay)
         scaler = torch.amp.GradScaler(device.type, enabled=self.precision_ == "fp16")
         first_epoch = len(self.history_)
@@ -443,7 +443,7 @@ class FineTuneClassifier(ClassifierMixin, TransformerMixin, BaseEstimator):
                     generator=torch.Generator().manual_seed(int(torch.initial_seed() % 2**63)), progress=progress,
                 )
             seconds = time.perf_counter() - start
-            valid_loss, valid_accuracy = self._validate(valid_refs, valid_owner, leaf_index[valid])
+            valid_loss, valid_accuracy = self._validate(valid_products, leaf_index[valid])
             record = {
                 "epoch": first_epoch + epoch + 1, "train_loss": train_loss, "valid_loss": valid_loss,
                 "valid_accuracy": valid_accuracy, "lr": max(lr_at(s) for s in range(n_steps)),
@@ -471,14 +471,16 @@ class FineTuneClassifier(ClassifierMixin, TransformerMixin, BaseEstimator):
             return False, self.head_epochs, self.epochs - self.head_epochs
         return self.trainable == "head_then_all", 0, self.epochs
 
-    def _validate(self, refs, owner, leaf_index: np.ndarray) -> tuple[float, float]:
+    def _validate(self, products: list[list], leaf_index: np.ndarray) -> tuple[float, float]:
         """Product-level log loss and accuracy on the held-out products (``nan`` without any)."""
         if not len(leaf_index):
             return float("nan"), float("nan")
-        proba = self._product_proba(refs, owner, len(leaf_index))
-        picked = proba[np.arange(len(leaf_index)), leaf_index]
-        loss = float(-np.log(np.clip(picked, 1e-15, 1.0)).mean())
-        return loss, float((proba.argmax(axis=1) == leaf_index).mean())
+        loss, correct = 0.0, 0
+        for start, proba in self._proba_chunks(products):
+            truth = leaf_index[start : start + len(proba)]
+            loss -= float(np.log(np.clip(proba[np.arange(len(proba)), truth], 1e-15, 1.0)).sum())
+            correct += int((proba.argmax(axis=1) == truth).sum())
+        return loss / len(leaf_index), correct / len(leaf_index)
 
     def _finish(self, network, state: dict, validated: bool) -> None:
         if validated and state["best_state"] is not None and state["best_epoch"] != self.history_[-1]["epoch"]:
@@ -541,15 +543,18 @@ class FineTuneClassifier(ClassifierMixin, TransformerMixin, BaseEstimator):
         gets the training class frequencies.
         """
         check_is_fitted(self, "history_")
-        products = image_refs(X, self.column)
-        refs = [ref for product in products for ref in product]
-        owner = np.repeat(np.arange(len(products)), [len(p) for p in products])
-        return self._product_proba(refs, owner, len(products))
+        chunks = [proba for _, proba in self._proba_chunks(image_refs(X, self.column))]
+        return np.concatenate(chunks) if chunks else np.zeros((0, len(self.classes_)))
 
     def predict(self, X) -> np.ndarray:
-        """The most probable class of each product (with a ``tree``, always a leaf)."""
-        proba = self.predict_proba(X)
-        return self.classes_[np.argmax(proba, axis=1)]
+        """The most probable class of each product (with a ``tree``, always a leaf).
+
+        Products are predicted in chunks, so memory stays bounded whatever the
+        number of products and classes.
+        """
+        check_is_fitted(self, "history_")
+        best = [proba.argmax(axis=1) for _, proba in self._proba_chunks(image_refs(X, self.column))]
+        return self.classes_[np.concatenate(best) if best else np.zeros(0, dtype=int)]
 
     def score(self, X, y, sample_weight=None) -> float:
         """Product accuracy; for per-level and hierarchical scores see :mod:`skproduct.metrics`."""
@@ -592,10 +597,15 @@ class FineTuneClassifier(ClassifierMixin, TransformerMixin, BaseEstimator):
                    "device": self.device, "precision": self.precision}
         return ImageEmbedder(self.backbone, pretrained=False, weights=path, **{**options, **params})
 
-    def _product_proba(self, refs, owner, n_products: int) -> np.ndarray:
+    def _proba_chunks(self, products: list[list]):
+        """Yield ``(first product, probabilities)`` for chunks of ``_PRODUCTS_PER_CHUNK`` products."""
         network = self._model()
-        proba, used = self._forward(network.leaf_proba, refs, len(self.classes_), "predicting")
-        return _mean_per_product(proba, used, owner, n_products, self._prior)
+        for start in range(0, len(products), _PRODUCTS_PER_CHUNK):
+            chunk = products[start : start + _PRODUCTS_PER_CHUNK]
+            refs = [ref for product in chunk for ref in product]
+            owner = np.repeat(np.arange(len(chunk)), [len(p) for p in chunk])
+            proba, used = self._forward(network.leaf_proba, refs, len(self.classes_), "predicting")
+            yield start, _mean_per_product(proba, used, owner, len(chunk), self._prior)
 
     def _forward(self, module, refs, width: int, what: str):
         import torch
@@ -693,6 +703,15 @@ class FineTuneClassifier(ClassifierMixin, TransformerMixin, BaseEstimator):
                 self.device_ = "cpu"
                 if self.precision_ != "fp32":
                     self.precision_ = "fp32"
+
+
+def _group(refs: list, owner: np.ndarray, products: np.ndarray) -> list[list]:
+    """The picture lists of ``products`` (positions), in that order."""
+    grouped: dict[int, list] = {int(p): [] for p in products}
+    for ref, product in zip(refs, owner.tolist(), strict=True):
+        if product in grouped:
+            grouped[product].append(ref)
+    return [grouped[int(p)] for p in products]
 
 
 def _mean_per_product(values, used, owner, n_products: int, fallback: np.ndarray) -> np.ndarray:

@@ -99,6 +99,17 @@ def test_early_stopping_restores_the_best_epoch(fashion):
     assert -np.log(picked).mean() == pytest.approx(min(losses), rel=1e-5)
 
 
+def test_prediction_in_chunks_matches_one_pass(fitted, fashion, monkeypatch):
+    import skproduct.finetune as finetune
+
+    _, test = fashion
+    whole, labels = fitted.predict_proba(test), fitted.predict(test)
+    monkeypatch.setattr(finetune, "_PRODUCTS_PER_CHUNK", 7)  # products straddle chunk borders
+    np.testing.assert_allclose(fitted.predict_proba(test), whole, rtol=1e-6, atol=1e-9)
+    np.testing.assert_array_equal(fitted.predict(test), labels)
+    np.testing.assert_array_equal(labels, fitted.classes_[whole.argmax(axis=1)])
+
+
 def test_multi_picture_products_average_their_pictures(cdiscount):
     products, tree = cdiscount
     model = FineTuneClassifier(**TINY, epochs=1, tree=tree, early_stopping=False)

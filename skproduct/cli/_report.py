@@ -47,4 +47,4 @@ def save_confusion(path: str, labels: np.ndarray, predicted: np.ndarray, tree) -
         include_values=len(names) <= _CONFUSION_VALUES_UP_TO, colorbar=False,
     )
     figure.axes[0].set_title(f"confusion matrix of the {title} ({len(labels)} products)")
-    save(path, lambda temporary: figure.savefig(temporary, format="png", dpi=100))
+    save(path, lambda temporary: figure.savefig(temporary, format="png", dpi=100, bbox_inches="tight"))
