@@ -292,6 +292,34 @@ class EmbeddingCache:
             freed += size
         return freed
 
+    def compact(self, fingerprint: str | None = None) -> int:
+        """Merge each fingerprint's segments into one file (or those of one fingerprint); returns segments removed.
+
+        Every flush of an extraction adds a segment, so a long run leaves
+        thousands; one segment per fingerprint makes later opens read one
+        file. The merged segment is written atomically before the old ones are
+        deleted, so a crash leaves either the old segments or the new one (or
+        both, harmlessly: duplicate keys keep one copy). Segments that other
+        processes add meanwhile are left for a later call.
+        """
+        removed = 0
+        names = [fingerprint] if fingerprint else [folder.name for folder in self._fingerprint_folders()]
+        for name in names:
+            with self._lock:
+                store = self._store(name)
+                store.refresh()
+                merged = sorted(store.seen)
+                if len(merged) < 2:
+                    continue
+                keys, vectors = store.keys, store.gather(np.arange(len(store.keys)))
+            self.put(name, keys, vectors)
+            for segment_name in merged:
+                (self.directory / name / segment_name).unlink(missing_ok=True)
+            with self._lock:
+                self._stores.pop(name, None)  # the next look reads the merged segment alone
+            removed += len(merged) - 1
+        return removed
+
     def _fingerprint_folders(self):
         """The sub-folders that hold skproduct segments (other folders are not the cache's)."""
         if not self.directory.is_dir():

@@ -130,3 +130,24 @@ def test_bad_fingerprints_and_shapes(tmp_path):
         cache.get("../escape", EmbeddingCache.keys_for([b"a"]))
     with pytest.raises(ValueError, match="one row of vectors per key"):
         cache.put("m", EmbeddingCache.keys_for([b"a", b"b"]), np.ones((1, 3), np.float32))
+
+
+def test_compact_merges_segments_and_keeps_every_vector(tmp_path):
+    cache = EmbeddingCache(tmp_path / "cache")
+    rng = np.random.default_rng(0)
+    keys = EmbeddingCache.keys_for([f"picture {i}".encode() for i in range(50)])
+    vectors = rng.normal(size=(50, 8)).astype(np.float32)
+    for start in range(0, 50, 10):  # five flushes, the last one repeating a key of the first
+        chosen = np.r_[start : start + 10, 0]
+        cache.put("model", keys[chosen], vectors[chosen])
+    cache.put("other", keys[:3], vectors[:3])
+    folder = tmp_path / "cache" / "model"
+    assert len(list(folder.glob("*.skemb"))) == 5
+
+    assert cache.compact() == 4  # "other" has a single segment: nothing to merge
+    assert len(list(folder.glob("*.skemb"))) == 1
+    found_vectors, found = cache.get("model", keys)
+    assert found.all()
+    np.testing.assert_array_equal(found_vectors, vectors)
+    assert cache.stats()["items"] == 53
+    assert cache.compact() == 0

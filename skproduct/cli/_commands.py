@@ -206,6 +206,7 @@ def run_extract(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     vectors = _embedder_from_args(args, cache).fit(data.frame).transform(data.frame)
     seconds = time.perf_counter() - start
+    merged = cache.compact()  # one segment per backbone instead of one per flush: later opens read one file
     after = cache.stats()
     if args.out is not None:
         save(args.out, lambda temporary: _save_npy(temporary, vectors))
@@ -216,6 +217,7 @@ def run_extract(args: argparse.Namespace) -> None:
     print(
         f"cache {cache.directory}: {after['hits'] - before['hits']} hits, {after['misses'] - before['misses']} "
         f"misses; {after['items']} vectors ({after['bytes'] / 1e6:.1f} MB) on disk"
+        + (f", {merged + 1} segments merged into one" if merged else "")
     )
     if args.out is not None:
         print(f"saved the product vectors to {args.out}")
