@@ -86,7 +86,7 @@ def forward_pictures(
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 out = module(pixels)
             positions = positions.numpy()
-            outputs[positions] = out.float().cpu().numpy()
+            outputs[positions] = out.float().cpu().numpy() * batch_used.numpy()[:, None]  # skipped: zeros
             used[positions], decoded[positions] = batch_used.numpy(), batch_decoded.numpy()
             if on_batch is not None:
                 good = positions[batch_decoded.numpy()]

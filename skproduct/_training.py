@@ -75,12 +75,12 @@ def learning_rate_factor(step: int, n_steps: int, warmup_fraction: float) -> flo
     Examples
     --------
     >>> [round(learning_rate_factor(s, 10, 0.2), 3) for s in (0, 1, 2, 6, 9)]
-    [0.5, 1.0, 1.0, 0.505, 0.048]
+    [0.5, 1.0, 1.0, 0.395, 0.01]
     """
     warmup = math.ceil(warmup_fraction * n_steps)
     if step < warmup:
         return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, n_steps - warmup))
+    progress = min(1.0, (step - warmup) / max(1, n_steps - warmup - 1))
     return _FINAL_LR_FRACTION + (1 - _FINAL_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -124,8 +124,8 @@ def train_epoch(
     """One pass over ``batches``; returns the weighted mean loss and the number of pictures trained on.
 
     ``targets`` holds each picture's node code per level, ``weights`` its class
-    weight (0 for skipped pictures is applied here); ``lr_at(i)`` is the
-    learning rate of the epoch's ``i``-th step.
+    weight; pictures the bad-picture policy skipped are left out of the batch.
+    ``lr_at(i)`` is the learning rate of the epoch's ``i``-th step.
     """
     from torch.utils.data import DataLoader
 
@@ -136,17 +136,19 @@ def train_epoch(
     loader = DataLoader(
         dataset, batch_sampler=batches, num_workers=num_workers, pin_memory=device.type == "cuda", generator=generator
     )
-    total_loss, total_weight, n_pictures = 0.0, 0.0, 0
+    total_loss = torch.zeros((), device=device)  # summed on the device: no synchronisation per step
+    total_weight, n_pictures = 0.0, 0
     for step, (pixels, used, _, positions) in enumerate(loader):
-        batch_weights = weights[positions] * used.float()
-        if float(batch_weights.sum()) == 0.0:  # every picture of the batch was skipped
-            progress.update(len(positions))
+        progress.update(len(positions))
+        kept = positions[used]  # skipped pictures stay out of the forward pass and its batch statistics
+        batch_weights = weights[kept]
+        if len(kept) < 2 or float(batch_weights.sum()) == 0.0:  # batch norm needs two pictures
             continue
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
-        pixels = pixels.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        pixels = pixels[used].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         batch_weights = batch_weights.to(device)
-        batch_targets = targets[positions].to(device)
+        batch_targets = targets[kept].to(device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             if frozen_backbone:
                 with torch.no_grad():
@@ -162,13 +164,11 @@ def train_epoch(
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        weight = float(batch_weights.sum())
-        total_loss += float(loss.detach()) * weight
+        weight = float(weights[kept].sum())
+        total_loss += loss.detach() * weight
         total_weight += weight
-        n_pictures += int(used.sum())
-        progress.update(len(positions))
-        progress.set_postfix(loss=f"{total_loss / total_weight:.4f}", refresh=False)
-    return (total_loss / total_weight if total_weight else float("nan")), n_pictures
+        n_pictures += len(kept)
+    return (float(total_loss) / total_weight if total_weight else float("nan")), n_pictures
 
 
 def _weighted_cross_entropy(logits, targets, weights, label_smoothing: float) -> torch.Tensor:

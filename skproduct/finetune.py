@@ -11,12 +11,12 @@ from numbers import Integral, Real
 from pathlib import Path
 
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin, TransformerMixin
+from sklearn.base import BaseEstimator, ClassifierMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.class_weight import compute_class_weight
 from sklearn.utils.validation import check_is_fitted
 
-from .backbones import build_backbone, parse_backbone, resolve_preprocessing
+from .backbones import build_backbone, file_sha256, parse_backbone, resolve_preprocessing
 from .cache import EmbeddingCache
 from .embed import ImageEmbedder, image_refs
 from .exceptions import ImageDecodeError
@@ -31,7 +31,7 @@ _PRODUCTS_PER_CHUNK = 4096  # products predicted together: bounds memory at pict
 _UNSET_FOR_CHECKPOINT_KEY = ("verbose", "num_workers", "checkpoint_dir", "device", "warm_start")
 
 
-class FineTuneClassifier(ClassifierMixin, TransformerMixin, BaseEstimator):
+class FineTuneClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin, TransformerMixin, BaseEstimator):
     """Fine-tune a backbone and a new classification head on product pictures.
 
     ``X`` is what :class:`~skproduct.ImageEmbedder` takes: a DataFrame from
@@ -77,7 +77,8 @@ class FineTuneClassifier(ClassifierMixin, TransformerMixin, BaseEstimator):
     trainable : {"all", "head", "head_then_all"}, default="all"
         Train the whole network; only the new head(s) on a frozen backbone
         (its batch-norm statistics frozen too); or the head alone for
-        ``head_epochs`` epochs and then everything, with a fresh warm-up.
+        ``head_epochs`` epochs and then everything, with a fresh warm-up
+        (early stopping waits for the second phase).
     head_epochs : int, default=1
         The head-only epochs of ``trainable="head_then_all"``.
     augment : bool or callable, default=True
@@ -121,11 +122,16 @@ class FineTuneClassifier(ClassifierMixin, TransformerMixin, BaseEstimator):
         Where a checkpoint is written atomically after every epoch. A ``fit``
         that was killed resumes from the last finished epoch when it is run
         again with the same parameters and data (the checkpoint's name hashes
-        both, so grid-search candidates never share one); a finished fit's
+        the parameters, the pictures' paths, sizes and modification times or
+        in-memory contents, the labels, and a warm start's starting weights,
+        so grid-search candidates never share one); a finished fit's
         checkpoint makes the same fit instant. Remove the folder to retrain.
     warm_start : bool, default=False
         Continue training the fitted network for ``epochs`` more epochs
-        (labels must be among :attr:`classes_`).
+        (labels must be among :attr:`classes_`), on the whole network, with a
+        new optimiser and schedule (warm-up included) and the same held-out
+        products; the model it starts from is kept unless an epoch beats its
+        validation loss.
     verbose : int, default=0
         ``> 0`` shows a progress bar per epoch and logs each epoch.
     random_state : int, default=0
@@ -281,9 +287,12 @@ class FineTuneClassifier(ClassifierMixin, TransformerMixin, BaseEstimator):
         products = image_refs(X, self.column)
         if len(y) != len(products):
             raise ValueError(f"X has {len(products)} products but y has {len(y)} labels")
-        continuing = self.warm_start and hasattr(self, "history_")
+        continuing = self.warm_start and hasattr(self, "best_epoch_")
         if continuing:
             self._check_known_labels(y)
+            self._resolve_device()
+        elif hasattr(self, "best_epoch_"):
+            del self.best_epoch_  # a refit that fails half-way must not leave a fitted-looking estimator
         refs = [ref for product in products for ref in product]
         owner = np.repeat(np.arange(len(products)), [len(p) for p in products])
         checkpoint = self._checkpoint_path(refs, owner, y, continuing)
@@ -314,13 +323,8 @@ class FineTuneClassifier(ClassifierMixin, TransformerMixin, BaseEstimator):
 
     def _start(self, y: np.ndarray, download: bool) -> None:
         """Resolve the backbone, device, precision, tree and classes of a fresh fit."""
-        from ._torch_data import resolve_device, resolve_precision
-
-        spec = parse_backbone(self.backbone)
-        device = resolve_device(self.device)
-        self.device_ = str(device)
-        self.precision_ = resolve_precision(self.precision, device)
-        self.preprocessing_ = resolve_preprocessing(spec, self.image_size)
+        self._resolve_device()
+        self.preprocessing_ = resolve_preprocessing(parse_backbone(self.backbone), self.image_size)
         if self.tree is not None:
             unknown = sorted({str(v) for v in np.unique(y) if v not in self.tree})
             if unknown:
@@ -337,6 +341,16 @@ class FineTuneClassifier(ClassifierMixin, TransformerMixin, BaseEstimator):
         self._network = None
         self._network_state = None
         self._build_network(initial=download)
+
+    def _resolve_device(self) -> None:
+        """``device_`` and ``precision_`` from the parameters (again when continuing, perhaps on another machine)."""
+
+        from ._torch_data import resolve_device, resolve_precision
+
+        device = resolve_device(self.device)
+        self.device_, self.precision_ = str(device), resolve_precision(self.precision, device)
+        if getattr(self, "_network", None) is not None:
+            self._network = self._network.to(device)
 
     def _check_known_labels(self, y: np.ndarray) -> None:
         unknown = np.setdiff1d(np.unique(y), self.classes_)
@@ -414,15 +428,15 @@ class FineTuneClassifier(ClassifierMixin, TransformerMixin, BaseEstimator):
         scaler = torch.amp.GradScaler(device.type, enabled=self.precision_ == "fp16")
         first_epoch = len(self.history_)
         state = {"epoch": 0, "best_loss": np.inf, "best_epoch": first_epoch, "best_state": None, "stale": 0}
+        if first_epoch and len(valid):  # a continuation must beat the model it starts from
+            state.update(best_loss=self._validate(valid_products, leaf_index[valid])[0], best_state=cpu_state(network))
         if checkpoint is not None and checkpoint.exists():
-            self._resume(checkpoint, network, optimizer, scaler, state, first_epoch)
+            self._resume(checkpoint, network, optimizer, scaler, state)
         n_steps = len(epoch_batches(len(picture_rows), self.batch_size, np.random.default_rng(0)))
         for epoch in range(state["epoch"], self.epochs):
-            if self.trainable == "head_then_all" and epoch == self.head_epochs:
-                state["stale"] = 0  # the unfrozen network gets its own patience
             if state["stale"] >= self.n_iter_no_change:
                 break
-            frozen, phase_start, phase_epochs = self._phase(epoch)
+            frozen, phase_start, phase_epochs = self._phase(epoch, continuing=bool(first_epoch))
             seed = (self.random_state, first_epoch + epoch)
             torch.manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
             batches = epoch_batches(len(picture_rows), self.batch_size, np.random.default_rng(seed))
@@ -454,17 +468,23 @@ class FineTuneClassifier(ClassifierMixin, TransformerMixin, BaseEstimator):
                         "valid accuracy %(valid_accuracy).4f, %(images_per_second).1f img/s", record)
             if len(valid) and valid_loss < state["best_loss"]:
                 state.update(best_loss=valid_loss, best_epoch=record["epoch"], best_state=cpu_state(network), stale=0)
-            elif len(valid):
-                state["stale"] += 1
+            elif len(valid) and not (frozen and self.trainable == "head_then_all"):
+                state["stale"] += 1  # the head phase never stops training: the unfrozen network gets the patience
             state["epoch"] = epoch + 1
             if checkpoint is not None:
                 self._save(checkpoint, network, optimizer, scaler, state)
         self._finish(network, state, bool(len(valid)))
 
-    def _phase(self, epoch: int) -> tuple[bool, int, int]:
-        """``(backbone frozen, first epoch of the phase, epochs in the phase)`` of a fit's ``epoch``."""
+    def _phase(self, epoch: int, continuing: bool) -> tuple[bool, int, int]:
+        """``(backbone frozen, first epoch of the phase, epochs in the phase)`` of a fit's ``epoch``.
+
+        A warm-started continuation of ``"head_then_all"`` trains everything
+        at once: its head was trained already.
+        """
         if self.trainable == "head":
             return True, 0, self.epochs
+        if continuing:
+            return False, 0, self.epochs
         if self.trainable == "head_then_all" and self.head_epochs < self.epochs:
             if epoch < self.head_epochs:
                 return True, 0, self.head_epochs
@@ -499,15 +519,20 @@ class FineTuneClassifier(ClassifierMixin, TransformerMixin, BaseEstimator):
             for name, value in self.get_params(deep=False).items()
             if name not in _UNSET_FOR_CHECKPOINT_KEY
         }
+        if self.weights is not None:
+            params["weights"] = file_sha256(self.weights)  # the file's content, not its name
         digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
-        digest.update(EmbeddingCache.keys_for([_content_or_name(ref) for ref in refs]).tobytes())
+        stats: dict = {}
+        for ref in refs:  # streamed: files are named by path, size and time, never read here
+            digest.update(_picture_identity(ref, stats))
         digest.update(owner.tobytes())
         digest.update(json.dumps([str(v) for v in y.tolist()]).encode())
-        digest.update(f"after:{len(self.history_) if continuing else 0}".encode())
+        if continuing:  # the weights it starts from
+            for name, value in self._model().state_dict().items():
+                digest.update(name.encode() + value.detach().cpu().numpy().tobytes())
         return Path(self.checkpoint_dir).expanduser() / f"finetune-{digest.hexdigest()[:24]}.pt"
 
     def _save(self, path: Path, network, optimizer, scaler, state: dict) -> None:
-        import torch
 
         from ._training import CHECKPOINT_FORMAT, cpu_state, save_checkpoint
 
@@ -519,17 +544,17 @@ class FineTuneClassifier(ClassifierMixin, TransformerMixin, BaseEstimator):
             "history": self.history_,
             "state": {k: v for k, v in state.items() if k != "best_state"},
             "best_state": state["best_state"],
-            "cpu_rng": torch.get_rng_state(),
         }
         save_checkpoint(path, payload)
 
-    def _resume(self, path: Path, network, optimizer, scaler, state: dict, first_epoch: int) -> None:
+    def _resume(self, path: Path, network, optimizer, scaler, state: dict) -> None:
         from ._training import load_checkpoint
 
         payload = load_checkpoint(path)
         network.load_state_dict(payload["network"])
         optimizer.load_state_dict(payload["optimizer"])
-        scaler.load_state_dict(payload["scaler"])
+        if payload["scaler"] and scaler.is_enabled():  # a checkpoint from another precision has none to give
+            scaler.load_state_dict(payload["scaler"])
         self.history_ = list(payload["history"])
         state.update(payload["state"], best_state=payload["best_state"])
         state["best_loss"] = float(state["best_loss"])
@@ -542,7 +567,7 @@ class FineTuneClassifier(ClassifierMixin, TransformerMixin, BaseEstimator):
         A product with no usable picture (all skipped by ``on_error="skip"``)
         gets the training class frequencies.
         """
-        check_is_fitted(self, "history_")
+        check_is_fitted(self, "best_epoch_")
         chunks = [proba for _, proba in self._proba_chunks(image_refs(X, self.column))]
         return np.concatenate(chunks) if chunks else np.zeros((0, len(self.classes_)))
 
@@ -552,7 +577,7 @@ class FineTuneClassifier(ClassifierMixin, TransformerMixin, BaseEstimator):
         Products are predicted in chunks, so memory stays bounded whatever the
         number of products and classes.
         """
-        check_is_fitted(self, "history_")
+        check_is_fitted(self, "best_epoch_")
         best = [proba.argmax(axis=1) for _, proba in self._proba_chunks(image_refs(X, self.column))]
         return self.classes_[np.concatenate(best) if best else np.zeros(0, dtype=int)]
 
@@ -561,14 +586,15 @@ class FineTuneClassifier(ClassifierMixin, TransformerMixin, BaseEstimator):
         return super().score(X, y, sample_weight=sample_weight)
 
     def transform(self, X) -> np.ndarray:
-        """The fine-tuned backbone's pooled embeddings, ``(n_products, n_features_out_)``: pictures averaged."""
-        check_is_fitted(self, "history_")
-        products = image_refs(X, self.column)
-        refs = [ref for product in products for ref in product]
-        owner = np.repeat(np.arange(len(products)), [len(p) for p in products])
+        """The fine-tuned backbone's pooled embeddings, float32 ``(n_products, n_features_out_)``: pictures averaged."""
+        check_is_fitted(self, "best_epoch_")
         network = self._model()
-        vectors, used = self._forward(network.backbone, refs, self.n_features_out_, "embedding")
-        return _mean_per_product(vectors, used, owner, len(products), np.zeros(self.n_features_out_))
+        chunks = [
+            self._chunk_mean(network.backbone, chunk, self.n_features_out_, "embedding", np.zeros(self.n_features_out_))
+            for chunk in _chunks(image_refs(X, self.column))
+        ]
+        out = np.concatenate(chunks) if chunks else np.zeros((0, self.n_features_out_))
+        return out.astype(np.float32)
 
     def export_embedder(self, path: str | os.PathLike, **params) -> ImageEmbedder:
         """Save the fine-tuned backbone's weights to ``path`` and return an :class:`~skproduct.ImageEmbedder` on them.
@@ -588,7 +614,7 @@ class FineTuneClassifier(ClassifierMixin, TransformerMixin, BaseEstimator):
         """
         import torch
 
-        check_is_fitted(self, "history_")
+        check_is_fitted(self, "best_epoch_")
         path = Path(path)
         temporary = path.with_name(f".tmp-{path.name}.{os.getpid()}")
         torch.save({k: v.detach().cpu() for k, v in self._model().backbone.state_dict().items()}, temporary)
@@ -600,12 +626,15 @@ class FineTuneClassifier(ClassifierMixin, TransformerMixin, BaseEstimator):
     def _proba_chunks(self, products: list[list]):
         """Yield ``(first product, probabilities)`` for chunks of ``_PRODUCTS_PER_CHUNK`` products."""
         network = self._model()
-        for start in range(0, len(products), _PRODUCTS_PER_CHUNK):
-            chunk = products[start : start + _PRODUCTS_PER_CHUNK]
-            refs = [ref for product in chunk for ref in product]
-            owner = np.repeat(np.arange(len(chunk)), [len(p) for p in chunk])
-            proba, used = self._forward(network.leaf_proba, refs, len(self.classes_), "predicting")
-            yield start, _mean_per_product(proba, used, owner, len(chunk), self._prior)
+        for start, chunk in enumerate(_chunks(products)):
+            proba = self._chunk_mean(network.leaf_proba, chunk, len(self.classes_), "predicting", self._prior)
+            yield start * _PRODUCTS_PER_CHUNK, proba
+
+    def _chunk_mean(self, module, chunk: list[list], width: int, what: str, fallback: np.ndarray) -> np.ndarray:
+        refs = [ref for product in chunk for ref in product]
+        owner = np.repeat(np.arange(len(chunk)), [len(p) for p in chunk])
+        values, used = self._forward(module, refs, width, what)
+        return _mean_per_product(values, used, owner, len(chunk), fallback)
 
     def _forward(self, module, refs, width: int, what: str):
         import torch
@@ -705,6 +734,11 @@ class FineTuneClassifier(ClassifierMixin, TransformerMixin, BaseEstimator):
                     self.precision_ = "fp32"
 
 
+def _chunks(products: list[list]):
+    for start in range(0, len(products), _PRODUCTS_PER_CHUNK):
+        yield products[start : start + _PRODUCTS_PER_CHUNK]
+
+
 def _group(refs: list, owner: np.ndarray, products: np.ndarray) -> list[list]:
     """The picture lists of ``products`` (positions), in that order."""
     grouped: dict[int, list] = {int(p): [] for p in products}
@@ -730,10 +764,22 @@ def _mean_per_product(values, used, owner, n_products: int, fallback: np.ndarray
     return out
 
 
-def _content_or_name(ref) -> bytes:
-    """A picture's content for the checkpoint's name; an unreadable one is named (the policy handles it in training)."""
+def _picture_identity(ref, stats: dict) -> bytes:
+    """What names a picture in a checkpoint's key: a file's path, size and modification time (a BSON picture's
+    offset and length too), or an in-memory picture's content hash."""
+    path = getattr(ref, "path", ref) if not isinstance(ref, (bytes, bytearray, memoryview)) else None
+    if isinstance(path, (str, os.PathLike)):
+        path = os.path.abspath(os.fspath(path))
+        if path not in stats:
+            try:
+                stat = os.stat(path)
+                stats[path] = f"{stat.st_size}:{stat.st_mtime_ns}"
+            except OSError:
+                stats[path] = "missing"  # the bad-picture policy deals with it in training
+        where = f":{ref.offset}:{ref.length}" if hasattr(ref, "offset") else ""
+        return f"{path}:{stats[path]}{where}\n".encode()
     try:
-        return picture_content(ref)
+        return EmbeddingCache.keys_for([picture_content(ref)])[0]
     except ImageDecodeError:
         return f"unreadable:{describe_image_ref(ref)}".encode()
 

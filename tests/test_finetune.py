@@ -186,7 +186,8 @@ def test_grid_search_over_two_learning_rates(fashion):
 def test_transform_gives_the_fine_tuned_features_and_export_feeds_a_cached_head(fitted, fashion, tmp_path):
     train, test = fashion
     features = fitted.transform(test)
-    assert features.shape == (len(test), fitted.n_features_out_)
+    assert features.shape == (len(test), fitted.n_features_out_) and features.dtype == np.float32
+    assert fitted.get_feature_names_out()[:2].tolist() == ["finetuneclassifier0", "finetuneclassifier1"]
     embedder = fitted.export_embedder(tmp_path / "finetuned.pt", cache=tmp_path / "cache")
     np.testing.assert_allclose(embedder.fit_transform(test), features, rtol=1e-4, atol=1e-5)
     head = LogisticRegression(max_iter=500).fit(embedder.transform(train), train["category_id"])
@@ -221,6 +222,66 @@ def test_warm_start_continues_training(fashion):
     assert [record["epoch"] for record in model.history_] == [1, 2, 3, 4]
     with pytest.raises(ValueError, match="labels the model does not know"):
         model.fit(small, np.where(y == y[0], 7, y))
+
+
+def _worsening_validation(monkeypatch):
+    """Make every validation worse than the one before, whatever the network does."""
+    calls = []
+
+    def validate(self, products, leaf_index):
+        calls.append(1)
+        return float(len(calls)), 0.0
+
+    monkeypatch.setattr(FineTuneClassifier, "_validate", validate)
+    return calls
+
+
+def test_head_then_all_always_reaches_the_unfrozen_phase(fashion, monkeypatch):
+    train, _ = fashion
+    small = train.groupby("category_id").head(10)
+    _worsening_validation(monkeypatch)
+    model = FineTuneClassifier(**TINY, epochs=6, trainable="head_then_all", head_epochs=3, n_iter_no_change=1)
+    model.fit(small, small["category_id"].to_numpy())
+    assert len(model.history_) == 4  # three head epochs never stop early; the first unfrozen one runs out of patience
+    assert model.best_epoch_ == 1
+
+
+def test_warm_start_keeps_the_starting_model_when_it_does_not_improve(fashion, monkeypatch):
+    train, test = fashion
+    small = train.groupby("category_id").head(10)
+    y = small["category_id"].to_numpy()
+    model = FineTuneClassifier(**TINY, epochs=2, warm_start=True).fit(small, y)
+    before = model.predict_proba(test)
+    _worsening_validation(monkeypatch)
+    model.set_params(lr=5e-2).fit(small, y)
+    assert len(model.history_) == 4 and model.best_epoch_ == 2  # worse epochs 3 and 4: epoch 2's weights stay
+    np.testing.assert_allclose(model.predict_proba(test), before, rtol=1e-6, atol=1e-9)
+
+
+def test_warm_start_checkpoints_are_named_by_their_starting_weights(fashion, tmp_path):
+    train, _ = fashion
+    a, b = train.groupby("category_id").head(6), train.groupby("category_id").tail(6)
+    params = dict(TINY, epochs=1, early_stopping=False, warm_start=True, checkpoint_dir=tmp_path)
+    first = FineTuneClassifier(**params).fit(a, a["category_id"].to_numpy())
+    first.fit(b, b["category_id"].to_numpy())
+    second = FineTuneClassifier(**params).fit(b, b["category_id"].to_numpy())
+    second.fit(b, b["category_id"].to_numpy())  # same data and epoch count as first's continuation, other weights
+    assert len(list(tmp_path.glob("finetune-*.pt"))) == 4
+    assert not np.allclose(first.transform(b), second.transform(b))
+
+
+def test_a_failed_refit_does_not_look_fitted(fitted, fashion, tmp_path):
+    import torch
+    from sklearn.exceptions import NotFittedError
+
+    train, test = fashion
+    small = train.groupby("category_id").head(10)
+    model = clone(fitted).set_params(epochs=1).fit(small, small["category_id"].to_numpy())
+    torch.save({"not": torch.zeros(1)}, tmp_path / "wrong.pt")
+    with pytest.raises(ValueError, match="does not fit"):
+        model.set_params(weights=tmp_path / "wrong.pt").fit(small, small["category_id"].to_numpy())
+    with pytest.raises(NotFittedError):
+        model.predict(test)
 
 
 def test_resume_after_a_killed_fit(shared_data, tmp_path):
