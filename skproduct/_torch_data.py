@@ -6,7 +6,7 @@ Imported only when a model runs, so that ``import skproduct`` never imports torc
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -55,10 +55,9 @@ def picture_loader(dataset: PictureDataset, batch_size: int, num_workers: int, d
     )
 
 
-def forward_pictures(
+def picture_batches(
     module: Callable[[torch.Tensor], torch.Tensor],
     dataset: PictureDataset,
-    width: int,
     *,
     batch_size: int,
     num_workers: int,
@@ -66,36 +65,50 @@ def forward_pictures(
     precision: str,
     on_error: str,
     progress,
-    on_batch: Callable[[np.ndarray, np.ndarray], None] | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Run ``module`` over every picture of ``dataset`` in inference mode: float32 ``(n, width)`` outputs and ``used``.
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """Run ``module`` over the pictures of ``dataset`` in order, in inference mode; yield each batch's results.
 
-    Pictures go through in order, channels-last, under autocast for bf16/fp16;
-    ``on_batch(positions, outputs)`` is called after each batch with the
-    positions of the pictures that decoded and their outputs (the embedder
-    stores finished vectors there). Pictures the policy skipped get zeros and
-    ``used=False``; the number that did not decode is logged once.
+    Yields ``(positions, outputs, used, decoded)`` as numpy arrays, outputs in
+    float32 (zeros for pictures the policy skipped). Pictures go through
+    channels-last, under autocast for bf16/fp16, decoded in ``num_workers``
+    processes; the number that did not decode is logged once at the end.
     """
-    outputs = np.zeros((len(dataset), width), dtype=np.float32)
-    used = np.zeros(len(dataset), dtype=bool)
-    decoded = np.zeros(len(dataset), dtype=bool)
+    n_bad = 0
     dtype = autocast_dtype(precision)
     with torch.inference_mode(), progress:
         for pixels, batch_used, batch_decoded, positions in picture_loader(dataset, batch_size, num_workers, device):
             pixels = pixels.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 out = module(pixels)
-            positions = positions.numpy()
-            outputs[positions] = out.float().cpu().numpy() * batch_used.numpy()[:, None]  # skipped: zeros
-            used[positions], decoded[positions] = batch_used.numpy(), batch_decoded.numpy()
-            if on_batch is not None:
-                good = positions[batch_decoded.numpy()]
-                on_batch(good, outputs[good])
+            used, decoded = batch_used.numpy(), batch_decoded.numpy()
+            n_bad += int((~decoded).sum())
             progress.update(len(positions))
-    n_bad = int((~decoded).sum())
+            yield positions.numpy(), out.float().cpu().numpy() * used[:, None], used, decoded
     if n_bad:
         done = "skipped" if on_error == "skip" else "replaced by blank pictures"
         logger.warning("%d of %d pictures could not be decoded and were %s", n_bad, len(dataset), done)
+
+
+def forward_pictures(
+    module: Callable[[torch.Tensor], torch.Tensor],
+    dataset: PictureDataset,
+    width: int,
+    *,
+    on_batch: Callable[[np.ndarray, np.ndarray], None] | None = None,
+    **options,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every picture's output, float32 ``(n, width)``, and whether it was used (:func:`picture_batches`' options).
+
+    ``on_batch(positions, outputs)`` is called after each batch with the
+    positions of the pictures that decoded and their outputs (the embedder
+    stores finished vectors there).
+    """
+    outputs = np.zeros((len(dataset), width), dtype=np.float32)
+    used = np.zeros(len(dataset), dtype=bool)
+    for positions, batch_outputs, batch_used, decoded in picture_batches(module, dataset, **options):
+        outputs[positions], used[positions] = batch_outputs, batch_used
+        if on_batch is not None:
+            on_batch(positions[decoded], batch_outputs[decoded])
     return outputs, used
 
 

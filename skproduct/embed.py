@@ -321,7 +321,8 @@ class ImageEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
 
     def _flush(self, cache: EmbeddingCache, pending: list[tuple[np.ndarray, np.ndarray]]) -> None:
         if pending:
-            cache.put(self.fingerprint_, np.concatenate([k for k, _ in pending]), np.concatenate([v for _, v in pending]))
+            keys, vectors = np.concatenate([k for k, _ in pending]), np.concatenate([v for _, v in pending])
+            cache.put(self.fingerprint_, keys, vectors)
             pending.clear()
 
     def _pool(self, vectors: np.ndarray, used: np.ndarray, owner: np.ndarray, n_products: int) -> np.ndarray:

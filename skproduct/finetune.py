@@ -588,13 +588,13 @@ class FineTuneClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin, Trans
     def transform(self, X) -> np.ndarray:
         """The fine-tuned backbone's pooled embeddings, float32 ``(n_products, n_features_out_)``: pictures averaged."""
         check_is_fitted(self, "best_epoch_")
-        network = self._model()
         chunks = [
-            self._chunk_mean(network.backbone, chunk, self.n_features_out_, "embedding", np.zeros(self.n_features_out_))
-            for chunk in _chunks(image_refs(X, self.column))
+            means.astype(np.float32)
+            for _, means in self._product_means(
+                self._model().backbone, image_refs(X, self.column), "embedding", np.zeros(self.n_features_out_)
+            )
         ]
-        out = np.concatenate(chunks) if chunks else np.zeros((0, self.n_features_out_))
-        return out.astype(np.float32)
+        return np.concatenate(chunks) if chunks else np.zeros((0, self.n_features_out_), dtype=np.float32)
 
     def export_embedder(self, path: str | os.PathLike, **params) -> ImageEmbedder:
         """Save the fine-tuned backbone's weights to ``path`` and return an :class:`~skproduct.ImageEmbedder` on them.
@@ -624,34 +624,49 @@ class FineTuneClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin, Trans
         return ImageEmbedder(self.backbone, pretrained=False, weights=path, **{**options, **params})
 
     def _proba_chunks(self, products: list[list]):
-        """Yield ``(first product, probabilities)`` for chunks of ``_PRODUCTS_PER_CHUNK`` products."""
-        network = self._model()
-        for start, chunk in enumerate(_chunks(products)):
-            proba = self._chunk_mean(network.leaf_proba, chunk, len(self.classes_), "predicting", self._prior)
-            yield start * _PRODUCTS_PER_CHUNK, proba
+        """Yield ``(first product, probabilities)`` for consecutive chunks of ``_PRODUCTS_PER_CHUNK`` products."""
+        return self._product_means(self._model().leaf_proba, products, "predicting", self._prior)
 
-    def _chunk_mean(self, module, chunk: list[list], width: int, what: str, fallback: np.ndarray) -> np.ndarray:
-        refs = [ref for product in chunk for ref in product]
-        owner = np.repeat(np.arange(len(chunk)), [len(p) for p in chunk])
-        values, used = self._forward(module, refs, width, what)
-        return _mean_per_product(values, used, owner, len(chunk), fallback)
+    def _product_means(self, module, products: list[list], what: str, fallback: np.ndarray):
+        """Yield ``(first product, mean output of each product's used pictures)`` chunk by chunk.
 
-    def _forward(self, module, refs, width: int, what: str):
+        One pass of one DataLoader over every picture, in product order: a
+        chunk of products is finished and yielded as soon as the pictures move
+        past it, so memory holds one chunk's sums, whatever the number of
+        products; a product without a usable picture gets ``fallback``.
+        """
         import torch
         from tqdm.auto import tqdm
 
-        from ._torch_data import PictureDataset, forward_pictures
+        from ._torch_data import PictureDataset, picture_batches
 
+        refs = [ref for product in products for ref in product]
+        chunk_of_picture = np.repeat(np.arange(len(products)), [len(p) for p in products]) // _PRODUCTS_PER_CHUNK
+        owner = np.repeat(np.arange(len(products)), [len(p) for p in products]) % _PRODUCTS_PER_CHUNK
         dataset = PictureDataset(
             refs, self.preprocessing_.transform(), self.on_error, self.preprocessing_.image_size,
             self.preprocessing_.draft_size,
         )
         progress = tqdm(total=len(refs), unit="img", disable=not self.verbose, desc=f"{what} ({self.backbone})")
         self._model().eval()
-        return forward_pictures(
-            module, dataset, width, batch_size=self.batch_size, num_workers=self.num_workers,
+        batches = picture_batches(
+            module, dataset, batch_size=self.batch_size, num_workers=self.num_workers,
             device=torch.device(self.device_), precision=self.precision_, on_error=self.on_error, progress=progress,
         )
+        sums, counts, chunk = None, None, 0
+        for positions, outputs, used, _ in batches:
+            for part in np.unique(chunk_of_picture[positions]):
+                while part > chunk:  # the pictures moved past this chunk: it is complete
+                    yield chunk * _PRODUCTS_PER_CHUNK, _finish_means(sums, counts, fallback)
+                    sums, counts, chunk = None, None, chunk + 1
+                if sums is None:
+                    size = min(_PRODUCTS_PER_CHUNK, len(products) - chunk * _PRODUCTS_PER_CHUNK)
+                    sums, counts = np.zeros((size, outputs.shape[1])), np.zeros(size, dtype=np.int64)
+                rows = (chunk_of_picture[positions] == part) & used
+                np.add.at(sums, owner[positions[rows]], outputs[rows])
+                counts += np.bincount(owner[positions[rows]], minlength=len(counts))
+        if sums is not None:
+            yield chunk * _PRODUCTS_PER_CHUNK, _finish_means(sums, counts, fallback)
 
     def _training_transform(self):
         if callable(self.augment):
@@ -734,11 +749,6 @@ class FineTuneClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin, Trans
                     self.precision_ = "fp32"
 
 
-def _chunks(products: list[list]):
-    for start in range(0, len(products), _PRODUCTS_PER_CHUNK):
-        yield products[start : start + _PRODUCTS_PER_CHUNK]
-
-
 def _group(refs: list, owner: np.ndarray, products: np.ndarray) -> list[list]:
     """The picture lists of ``products`` (positions), in that order."""
     grouped: dict[int, list] = {int(p): [] for p in products}
@@ -748,17 +758,14 @@ def _group(refs: list, owner: np.ndarray, products: np.ndarray) -> list[list]:
     return [grouped[int(p)] for p in products]
 
 
-def _mean_per_product(values, used, owner, n_products: int, fallback: np.ndarray) -> np.ndarray:
-    """Average each product's used pictures' rows; products with none get ``fallback`` (with a warning)."""
-    out = np.zeros((n_products, values.shape[1]), dtype=np.float64)
-    np.add.at(out, owner[used], values[used])
-    counts = np.bincount(owner[used], minlength=n_products)
-    out /= np.maximum(counts, 1)[:, None]
+def _finish_means(sums: np.ndarray, counts: np.ndarray, fallback: np.ndarray) -> np.ndarray:
+    """Divide each product's summed outputs by its pictures; products with none get ``fallback`` (with a warning)."""
+    out = sums / np.maximum(counts, 1)[:, None]
     empty = counts == 0
     if empty.any():
         out[empty] = fallback
         logger.warning(
-            "%d products had no usable picture (for example product %d) and got the fallback",
+            "%d products had no usable picture (for example product %d of the chunk) and got the fallback",
             int(empty.sum()), int(np.flatnonzero(empty)[0]),
         )
     return out
