@@ -349,6 +349,7 @@ class FineTuneClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin, Trans
 
         device = resolve_device(self.device)
         self.device_, self.precision_ = str(device), resolve_precision(self.precision, device)
+        self._trained_on = (self.device_, self.precision_)
         if getattr(self, "_network", None) is not None:
             self._network = self._network.to(device)
 
@@ -742,11 +743,14 @@ class FineTuneClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin, Trans
         if hasattr(self, "device_"):
             from ._torch_data import device_available
 
-            if not device_available(self.device_):
-                logger.info("this model was trained on %s, which this machine lacks; it runs on the CPU", self.device_)
-                self.device_ = "cpu"
-                if self.precision_ != "fp32":
-                    self.precision_ = "fp32"
+            # where it was trained: a model that once ran on a CPU goes back to its GPU on a machine that has one
+            self._trained_on = getattr(self, "_trained_on", (self.device_, self.precision_))
+            device, precision = self._trained_on
+            if device_available(device):
+                self.device_, self.precision_ = device, precision
+            else:
+                logger.info("this model was trained on %s, which this machine lacks; it runs on the CPU", device)
+                self.device_, self.precision_ = "cpu", "fp32"
 
 
 def _group(refs: list, owner: np.ndarray, products: np.ndarray) -> list[list]:

@@ -164,11 +164,13 @@ def test_a_model_trained_on_a_gpu_predicts_on_a_cpu(fitted, fashion, tmp_path):
     _, test = fashion
     joblib.dump(fitted, tmp_path / "model.joblib")
     gpu_model = joblib.load(tmp_path / "model.joblib")
-    gpu_model.device_, gpu_model.precision_ = "cuda:7", "bf16"  # as if trained on a GPU machine
+    gpu_model._trained_on = ("cuda:7", "bf16")  # as if trained on a GPU machine
     joblib.dump(gpu_model, tmp_path / "gpu.joblib")
     loaded = joblib.load(tmp_path / "gpu.joblib")
     assert (loaded.device_, loaded.precision_) == ("cpu", "fp32")
     np.testing.assert_array_equal(loaded.predict(test), fitted.predict(test))
+    joblib.dump(loaded, tmp_path / "again.joblib")  # saved again on the CPU machine: it remembers its GPU
+    assert joblib.load(tmp_path / "again.joblib")._trained_on == ("cuda:7", "bf16")
 
 
 def test_grid_search_over_two_learning_rates(fashion):
