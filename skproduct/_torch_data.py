@@ -17,14 +17,66 @@ from .images import BadImagePolicy
 logger = logging.getLogger(__name__)
 
 
+class CompactRefs:
+    """Picture references held in a few numpy arrays instead of one Python object each.
+
+    DataLoader workers are forked: touching a Python object there writes its
+    reference count and copies its memory page, so a list of 12 million
+    references ends up copied into every worker. BSON picture references and
+    file paths pack into arrays that workers only read.
+
+    Examples
+    --------
+    >>> refs = CompactRefs.pack(["a.jpg", "photos/b.jpg"])
+    >>> len(refs), refs[1]
+    (2, 'photos/b.jpg')
+    """
+
+    def __init__(self, kind: str, columns: dict[str, np.ndarray]):
+        self.kind, self.columns = kind, columns
+
+    @classmethod
+    def pack(cls, refs: list):
+        """``refs`` packed when they are all BSON pictures (with integer product ids) or all path strings;
+        else ``refs`` itself."""
+        from .io.bson_refs import BsonImageRef
+
+        if refs and all(type(r) is BsonImageRef and isinstance(r.product_id, (int, np.integer)) for r in refs):
+            files = sorted({r.path for r in refs})
+            file_of = {path: k for k, path in enumerate(files)}
+            table = np.array([(file_of[r.path], r.offset, r.length, r.product_id, r.index) for r in refs], np.int64)
+            return cls("bson", {"files": np.array(files, dtype=object), "table": table})
+        if refs and all(type(r) is str for r in refs):
+            encoded = [r.encode("utf-8", "surrogateescape") for r in refs]
+            ends = np.cumsum([len(e) for e in encoded], dtype=np.int64)
+            return cls("path", {"buffer": np.frombuffer(b"".join(encoded), dtype=np.uint8), "ends": ends})
+        return refs
+
+    def __len__(self) -> int:
+        return len(self.columns["table"] if self.kind == "bson" else self.columns["ends"])
+
+    def __getitem__(self, i: int):
+        if self.kind == "bson":
+            from .io.bson_refs import BsonImageRef
+
+            file, offset, length, product_id, index = self.columns["table"][i].tolist()
+            return BsonImageRef(self.columns["files"][file], offset, length, product_id, index)
+        ends = self.columns["ends"]
+        start = int(ends[i - 1]) if i else 0
+        return self.columns["buffer"][start : int(ends[i])].tobytes().decode("utf-8", "surrogateescape")
+
+
 class PictureDataset(Dataset):
     """Decode and preprocess pictures by position, applying the bad-picture policy.
 
-    Picklable, so that DataLoader workers decode in parallel.
+    Picklable, so that DataLoader workers decode in parallel; with ``compact``
+    (for worker processes) the references are held as :class:`CompactRefs`.
     """
 
-    def __init__(self, refs: list, transform, on_error: str, image_size: int, draft_size: int | None):
-        self.refs = refs
+    def __init__(
+        self, refs: list, transform, on_error: str, image_size: int, draft_size: int | None, compact: bool = False
+    ):
+        self.refs = CompactRefs.pack(refs) if compact else refs
         self.transform = transform
         self.draft_size = draft_size
         self.policy = BadImagePolicy(on_error, blank_size=(image_size, image_size))

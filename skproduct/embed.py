@@ -300,7 +300,7 @@ class ImageEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
 
         dataset = PictureDataset(
             refs, self.preprocessing_.transform(), self.on_error, self.preprocessing_.image_size,
-            self.preprocessing_.draft_size,
+            self.preprocessing_.draft_size, compact=self.num_workers > 0,
         )
         pending: list[tuple[np.ndarray, np.ndarray]] = []
 

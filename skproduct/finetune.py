@@ -420,7 +420,7 @@ class FineTuneClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin, Trans
         picture_rows = np.flatnonzero(np.isin(owner, train))
         dataset = PictureDataset(
             [refs[i] for i in picture_rows], self._training_transform(), self.on_error,
-            self.preprocessing_.image_size, self.preprocessing_.draft_size,
+            self.preprocessing_.image_size, self.preprocessing_.draft_size, compact=self.num_workers > 0,
         )
         targets = torch.as_tensor(codes[owner[picture_rows]], dtype=torch.long)
         weights = torch.as_tensor(product_weights[owner[picture_rows]], dtype=torch.float32)
@@ -646,7 +646,7 @@ class FineTuneClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin, Trans
         owner = np.repeat(np.arange(len(products)), [len(p) for p in products]) % _PRODUCTS_PER_CHUNK
         dataset = PictureDataset(
             refs, self.preprocessing_.transform(), self.on_error, self.preprocessing_.image_size,
-            self.preprocessing_.draft_size,
+            self.preprocessing_.draft_size, compact=self.num_workers > 0,
         )
         progress = tqdm(total=len(refs), unit="img", disable=not self.verbose, desc=f"{what} ({self.backbone})")
         self._model().eval()

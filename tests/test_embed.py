@@ -389,3 +389,19 @@ def test_sklearn_estimator_checks(estimator, check):
 def test_the_real_tags_say_pictures_not_arrays():
     tags = ImageEmbedder().__sklearn_tags__()
     assert tags.input_tags.two_d_array is False and tags.transformer_tags is not None
+
+
+def test_references_for_worker_processes_pack_into_arrays(cdiscount_products):
+    import pickle
+
+    from skproduct._torch_data import CompactRefs
+
+    refs = [ref for images in cdiscount_products["images"] for ref in images]
+    packed = CompactRefs.pack(refs)
+    assert isinstance(packed, CompactRefs) and [packed[i] for i in range(len(refs))] == refs
+    assert packed.columns["table"].shape == (len(refs), 5) and len(packed.columns["files"]) == 1  # no object each
+    assert [pickle.loads(pickle.dumps(packed))[i] for i in (0, len(refs) - 1)] == [refs[0], refs[-1]]
+    paths = ["a.jpg", "dossier/été.jpg", ""]
+    assert [CompactRefs.pack(paths)[i] for i in range(3)] == paths
+    mixed = [refs[0], "a.jpg"]
+    assert CompactRefs.pack(mixed) is mixed  # anything else stays a list

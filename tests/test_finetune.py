@@ -110,6 +110,16 @@ def test_prediction_in_chunks_matches_one_pass(fitted, fashion, monkeypatch):
     np.testing.assert_array_equal(labels, fitted.classes_[whole.argmax(axis=1)])
 
 
+def test_worker_processes_train_and_predict_the_same(cdiscount):
+    products, _ = cdiscount
+    products = products.head(24)
+    y = products["category_id"].to_numpy() % 2  # two classes
+    options = dict(TINY, epochs=2, augment=False, early_stopping=False)
+    alone = FineTuneClassifier(**options).fit(products, y)
+    workers = FineTuneClassifier(**options, num_workers=2).fit(products, y)
+    np.testing.assert_allclose(workers.predict_proba(products), alone.predict_proba(products), rtol=1e-5, atol=1e-6)
+
+
 def test_multi_picture_products_average_their_pictures(cdiscount):
     products, tree = cdiscount
     model = FineTuneClassifier(**TINY, epochs=1, tree=tree, early_stopping=False)
