@@ -101,16 +101,10 @@ def run_finetune(args, train, test, tree, with_tree: bool) -> dict:
     calibration = make(1).fit(probe, probe["category_id"].to_numpy()).history_[0]["images_per_second"]
     epochs = epochs_for(args.budget_s, calibration, len(train))
     model = make(epochs)
-    start = time.perf_counter()
-    model.fit(train, train["category_id"].to_numpy())
-    fit_s = time.perf_counter() - start
-    start = time.perf_counter()
-    predicted = model.predict(test)
-    predict_s = time.perf_counter() - start
+    result = _fit_and_score(model, train, test, tree, train, test)
     return {
-        **scores(tree, test["category_id"], predicted), "epochs": epochs, "fit_s": fit_s, "predict_s": predict_s,
-        "train_images_per_s": len(train) * epochs / fit_s, "calibration_images_per_s": calibration,
-        "history": model.history_,
+        **result, "epochs": epochs, "train_images_per_s": result["train_images_per_s"] * epochs,
+        "calibration_images_per_s": calibration, "history": model.history_,
     }
 
 

@@ -27,7 +27,7 @@ from .images import ON_ERROR_CHOICES, picture_content
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ImageEmbedder", "image_refs"]
+__all__ = ["ImageEmbedder", "flatten_products", "image_refs"]
 
 _IMAGE_COLUMNS = ("images", "image")
 _FLUSH_EVERY = 2048
@@ -74,6 +74,35 @@ def image_refs(X, column: str | None = None) -> list[list]:
             raise ValueError(f"product {position} has no pictures")
         products.append(refs)
     return products
+
+
+# The parameters every estimator that runs a backbone on pictures shares (ImageEmbedder, FineTuneClassifier).
+PICTURE_ESTIMATOR_CONSTRAINTS: dict = {
+    "backbone": [str],
+    "pretrained": ["boolean"],
+    "weights": [str, os.PathLike, None],
+    "device": [str],
+    "num_workers": [Interval(Integral, 0, None, closed="left")],
+    "precision": [StrOptions({"auto", "fp32", "bf16", "fp16"})],
+    "image_size": [Interval(Integral, 8, None, closed="left"), None],
+    "column": [str, None],
+    "on_error": [StrOptions(set(ON_ERROR_CHOICES))],
+    "verbose": ["verbose"],
+    "random_state": [Interval(Integral, 0, None, closed="left")],
+}
+
+
+def flatten_products(products: list[list]) -> tuple[list, np.ndarray]:
+    """Every picture of ``products`` in order, and the position of the product each belongs to.
+
+    Examples
+    --------
+    >>> refs, owner = flatten_products([["a.jpg"], ["b.jpg", "c.jpg"]])
+    >>> refs, owner.tolist()
+    (['a.jpg', 'b.jpg', 'c.jpg'], [0, 1, 1])
+    """
+    refs = [ref for product in products for ref in product]
+    return refs, np.repeat(np.arange(len(products)), [len(product) for product in products])
 
 
 class ImageEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
@@ -151,20 +180,10 @@ class ImageEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
     """
 
     _parameter_constraints: dict = {
-        "backbone": [str],
-        "pretrained": ["boolean"],
-        "weights": [str, os.PathLike, None],
-        "device": [str],
+        **PICTURE_ESTIMATOR_CONSTRAINTS,
         "batch_size": [Interval(Integral, 1, None, closed="left")],
-        "num_workers": [Interval(Integral, 0, None, closed="left")],
-        "precision": [StrOptions({"auto", "fp32", "bf16", "fp16"})],
-        "image_size": [Interval(Integral, 8, None, closed="left"), None],
         "pooling": [StrOptions({"mean", "max"})],
-        "column": [str, None],
         "cache": [str, os.PathLike, EmbeddingCache, None],
-        "on_error": [StrOptions(set(ON_ERROR_CHOICES))],
-        "verbose": ["verbose"],
-        "random_state": [Interval(Integral, 0, None, closed="left")],
     }
 
     def __init__(
@@ -229,8 +248,7 @@ class ImageEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         """Embed each product's pictures: float32 ``(n_products, n_features_out_)`` in input order."""
         check_is_fitted(self, "fingerprint_")
         products = image_refs(X, self.column)
-        refs = [ref for product in products for ref in product]
-        owner = np.repeat(np.arange(len(products)), [len(p) for p in products])
+        refs, owner = flatten_products(products)
         vectors, used = self._picture_vectors(refs)
         return self._pool(vectors, used, owner, len(products))
 

@@ -18,9 +18,9 @@ from sklearn.utils.validation import check_is_fitted
 
 from .backbones import build_backbone, file_sha256, parse_backbone, resolve_preprocessing
 from .cache import EmbeddingCache
-from .embed import ImageEmbedder, image_refs
+from .embed import PICTURE_ESTIMATOR_CONSTRAINTS, ImageEmbedder, flatten_products, image_refs
 from .exceptions import ImageDecodeError
-from .images import ON_ERROR_CHOICES, describe_image_ref, picture_content
+from .images import describe_image_ref, picture_content
 from .taxonomy import CategoryTree
 
 logger = logging.getLogger(__name__)
@@ -176,9 +176,7 @@ class FineTuneClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin, Trans
     """
 
     _parameter_constraints: dict = {
-        "backbone": [str],
-        "pretrained": ["boolean"],
-        "weights": [str, os.PathLike, None],
+        **PICTURE_ESTIMATOR_CONSTRAINTS,
         "tree": [CategoryTree, None],
         "epochs": [Interval(Integral, 1, None, closed="left")],
         "batch_size": [Interval(Integral, 2, None, closed="left")],
@@ -190,19 +188,11 @@ class FineTuneClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin, Trans
         "augment": ["boolean", callable],
         "label_smoothing": [Interval(Real, 0, 1, closed="left")],
         "class_weight": [dict, StrOptions({"balanced"}), None],
-        "image_size": [Interval(Integral, 8, None, closed="left"), None],
-        "precision": [StrOptions({"auto", "fp32", "bf16", "fp16"})],
         "early_stopping": ["boolean"],
         "validation_fraction": [Interval(Real, 0, 1, closed="neither")],
         "n_iter_no_change": [Interval(Integral, 1, None, closed="left")],
-        "device": [str],
-        "num_workers": [Interval(Integral, 0, None, closed="left")],
-        "column": [str, None],
-        "on_error": [StrOptions(set(ON_ERROR_CHOICES))],
         "checkpoint_dir": [str, os.PathLike, None],
         "warm_start": ["boolean"],
-        "verbose": ["verbose"],
-        "random_state": [Interval(Integral, 0, None, closed="left")],
     }
 
     def __init__(
@@ -293,8 +283,7 @@ class FineTuneClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin, Trans
             self._resolve_device()
         elif hasattr(self, "best_epoch_"):
             del self.best_epoch_  # a refit that fails half-way must not leave a fitted-looking estimator
-        refs = [ref for product in products for ref in product]
-        owner = np.repeat(np.arange(len(products)), [len(p) for p in products])
+        refs, owner = flatten_products(products)
         checkpoint = self._checkpoint_path(refs, owner, y, continuing)
         if not continuing:  # a checkpoint to resume from replaces the starting weights: no download then
             self._start(y, download=checkpoint is None or not checkpoint.exists())
@@ -302,7 +291,7 @@ class FineTuneClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin, Trans
         train, valid = self._split(codes[:, -1], len(products), continuing)
         weights = self._product_weights(y, train)
         with torch.random.fork_rng(devices=self._rng_devices()):
-            self._train(refs, owner, codes, self.tree_.leaf_positions(y), weights, train, valid, checkpoint)
+            self._train(products, refs, owner, codes, self.tree_.leaf_positions(y), weights, train, valid, checkpoint)
         return self
 
     def _labels(self, y) -> np.ndarray:
@@ -402,7 +391,9 @@ class FineTuneClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin, Trans
         return np.array([float(lookup.get(label, 1.0)) for label in y.tolist()])
 
     # -- the training loop --------------------------------------------------------
-    def _train(self, refs, owner, codes, leaf_index, product_weights, train, valid, checkpoint: Path | None) -> None:
+    def _train(
+        self, products, refs, owner, codes, leaf_index, product_weights, train, valid, checkpoint: Path | None
+    ) -> None:
         import torch
         from tqdm.auto import tqdm
 
@@ -424,7 +415,7 @@ class FineTuneClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin, Trans
         )
         targets = torch.as_tensor(codes[owner[picture_rows]], dtype=torch.long)
         weights = torch.as_tensor(product_weights[owner[picture_rows]], dtype=torch.float32)
-        valid_products = _group(refs, owner, valid)
+        valid_products = [products[i] for i in valid]
         optimizer = make_optimizer(network, self.lr, self.weight_decay)
         scaler = torch.amp.GradScaler(device.type, enabled=self.precision_ == "fp16")
         first_epoch = len(self.history_)
@@ -613,13 +604,11 @@ class FineTuneClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin, Trans
             Further :class:`~skproduct.ImageEmbedder` parameters, such as
             ``cache`` or ``batch_size``.
         """
-        import torch
+        from ._training import cpu_state, save_checkpoint
 
         check_is_fitted(self, "best_epoch_")
         path = Path(path)
-        temporary = path.with_name(f".tmp-{path.name}.{os.getpid()}")
-        torch.save({k: v.detach().cpu() for k, v in self._model().backbone.state_dict().items()}, temporary)
-        os.replace(temporary, path)
+        save_checkpoint(path, cpu_state(self._model().backbone))  # atomic: a temporary file, synced, renamed
         options = {"image_size": self.image_size, "column": self.column, "on_error": self.on_error,
                    "device": self.device, "precision": self.precision}
         return ImageEmbedder(self.backbone, pretrained=False, weights=path, **{**options, **params})
@@ -641,9 +630,8 @@ class FineTuneClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin, Trans
 
         from ._torch_data import PictureDataset, picture_batches
 
-        refs = [ref for product in products for ref in product]
-        chunk_of_picture = np.repeat(np.arange(len(products)), [len(p) for p in products]) // _PRODUCTS_PER_CHUNK
-        owner = np.repeat(np.arange(len(products)), [len(p) for p in products]) % _PRODUCTS_PER_CHUNK
+        refs, product_of_picture = flatten_products(products)
+        chunk_of_picture, owner = np.divmod(product_of_picture, _PRODUCTS_PER_CHUNK)
         dataset = PictureDataset(
             refs, self.preprocessing_.transform(), self.on_error, self.preprocessing_.image_size,
             self.preprocessing_.draft_size, compact=self.num_workers > 0,
@@ -751,15 +739,6 @@ class FineTuneClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin, Trans
             else:
                 logger.info("this model was trained on %s, which this machine lacks; it runs on the CPU", device)
                 self.device_, self.precision_ = "cpu", "fp32"
-
-
-def _group(refs: list, owner: np.ndarray, products: np.ndarray) -> list[list]:
-    """The picture lists of ``products`` (positions), in that order."""
-    grouped: dict[int, list] = {int(p): [] for p in products}
-    for ref, product in zip(refs, owner.tolist(), strict=True):
-        if product in grouped:
-            grouped[product].append(ref)
-    return [grouped[int(p)] for p in products]
 
 
 def _finish_means(sums: np.ndarray, counts: np.ndarray, fallback: np.ndarray) -> np.ndarray:
