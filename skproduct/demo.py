@@ -72,7 +72,7 @@ def run_demo(
     Examples
     --------
     ``skproduct demo`` runs this and prints the result; from Python (about
-    15 seconds on two CPU cores)::
+    10 to 15 seconds on two CPU cores)::
 
         result = run_demo(workdir="skproduct-demo")
         result["level_accuracy"], result["chance"]  # per level, top first
