@@ -71,8 +71,8 @@ def run_demo(
 
     Examples
     --------
-    ``skproduct demo`` runs this and prints the result; from Python (about
-    10 to 15 seconds on two CPU cores)::
+    ``skproduct demo`` runs this and prints the result; from Python
+    (10 to 15 seconds on two CPU cores)::
 
         result = run_demo(workdir="skproduct-demo")
         result["level_accuracy"], result["chance"]  # per level, top first
