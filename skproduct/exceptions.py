@@ -1,12 +1,26 @@
-"""Exceptions that skproduct raises for bad input."""
+"""Exceptions that skproduct raises for bad input, and the warnings it gives for events that change results.
+
+The warnings go through :func:`warnings.warn`, as scikit-learn's
+``ConvergenceWarning`` does, so that users see them without configuring
+logging, and can filter them by class::
+
+    import warnings
+    from skproduct.exceptions import EmptyProductWarning
+    warnings.simplefilter("error", EmptyProductWarning)  # a product without a picture is now an error
+"""
 
 from __future__ import annotations
 
 __all__ = [
+    "BadPictureWarning",
     "BsonFormatError",
     "BsonTruncatedError",
     "ImageDecodeError",
+    "DeviceFallbackWarning",
+    "EmptyProductWarning",
     "MissingImagesError",
+    "SkproductWarning",
+    "StaleFileWarning",
     "WeightsUnavailableError",
 ]
 
@@ -74,3 +88,24 @@ class WeightsUnavailableError(RuntimeError):
     The message says how to go on: pass ``weights='path/to/file'`` with a local
     copy of the weights, or ``pretrained=False`` for random (seeded) weights.
     """
+
+
+class SkproductWarning(UserWarning):
+    """Base class of skproduct's warnings: something happened that changes the results."""
+
+
+class BadPictureWarning(SkproductWarning):
+    """Pictures did not decode and were skipped or replaced by blank ones (the ``on_error`` policy)."""
+
+
+class EmptyProductWarning(SkproductWarning):
+    """Products had no usable picture: an embedder gives them a zero vector, a classifier its training prior."""
+
+
+class DeviceFallbackWarning(SkproductWarning):
+    """A model runs on another device or precision than the one it was fitted with (the device is missing here)."""
+
+
+class StaleFileWarning(SkproductWarning):
+    """A file skproduct keeps beside its data (a BSON index, a cache segment) was out of date or damaged and is
+    rebuilt or ignored."""
