@@ -93,8 +93,8 @@ def run_finetune(args, train, test, tree, with_tree: bool) -> dict:
 
     def make(epochs):
         return FineTuneClassifier(
-            args.backbone, pretrained=False, image_size=args.image_size, batch_size=args.batch_size, lr=args.lr,
-            epochs=epochs, early_stopping=False, tree=tree if with_tree else None, random_state=args.seed,
+            args.backbone, pretrained=False, image_size=args.image_size, batch_size=args.batch_size, learning_rate=args.lr,
+            max_iter=epochs, early_stopping=False, tree=tree if with_tree else None, random_state=args.seed,
         )
 
     probe = train.iloc[:CALIBRATION_PRODUCTS]

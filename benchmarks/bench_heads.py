@@ -259,7 +259,7 @@ def make_head(name: str, cfg: dict):
     if name == "torch":
         from skproduct.heads.linear import TorchLinearClassifier
 
-        return TorchLinearClassifier(random_state=0, device=cfg["device"], max_epochs=cfg["torch_max_epochs"])
+        return TorchLinearClassifier(random_state=0, device=cfg["device"], max_iter=cfg["torch_max_epochs"])
     if name == "lgbm":
         from lightgbm import LGBMClassifier
 
@@ -532,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             from skproduct.heads.linear import TorchLinearClassifier
 
-            probe = TorchLinearClassifier(random_state=0, max_epochs=2, device=args.device)
+            probe = TorchLinearClassifier(random_state=0, max_iter=2, device=args.device)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 probe.fit(np.random.default_rng(0).normal(size=(40, 3)), np.repeat([0, 1], 20))
@@ -650,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
             "local_heads": {
                 "logreg": f"LogisticRegression(max_iter={args.logreg_max_iter})",
                 "torch": f"TorchLinearClassifier(random_state=0, device={args.device!r}, "
-                         f"max_epochs={args.torch_max_epochs})",
+                         f"max_iter={args.torch_max_epochs})",
                 "lgbm": f"LGBMClassifier(n_estimators={args.lgbm_estimators}, n_jobs={args.threads}, "
                         f"min_sum_hessian_in_leaf={args.lgbm_min_hessian}, "
                         + ", ".join(f"{k}={v!r}" for k, v in LGBM_PARAMS.items()) + ")",

@@ -29,7 +29,7 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fashi
 LEAVES = [1000000104, 1000000098, 1000000111, 1000000116, 1000000046, 1000000009]  # two leaves per top category
 
 
-def main(data=SHARED, backbone="timm:test_resnet", pretrained=False, image_size=32, per_class=80, epochs=6) -> dict:
+def main(data=SHARED, backbone="timm:test_resnet", pretrained=False, image_size=32, per_class=80, max_iter=6) -> dict:
     """Fine-tune, export the backbone, grid-search a head on its cached features; returns both accuracies."""
     folder = Path(tempfile.mkdtemp(prefix="skproduct-finetune-"))
     products = read_bson(Path(data) / "fashion_small.bson", index_path=folder / "fashion.skpidx")
@@ -37,7 +37,7 @@ def main(data=SHARED, backbone="timm:test_resnet", pretrained=False, image_size=
     position = chosen.groupby("category_id").cumcount()
     train, test = chosen[position < 0.75 * per_class], chosen[position >= 0.75 * per_class]
 
-    finetuned = FineTuneClassifier(backbone, pretrained=pretrained, image_size=image_size, epochs=epochs, lr=3e-3,
+    finetuned = FineTuneClassifier(backbone, pretrained=pretrained, image_size=image_size, max_iter=max_iter, learning_rate=3e-3,
                                    random_state=0)
     finetuned.fit(train, train["category_id"])
     embedder = finetuned.export_embedder(folder / "finetuned.pt", cache=folder / "cache")
@@ -58,6 +58,6 @@ if __name__ == "__main__":
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=6)
     args = parser.parse_args()
-    result = main(args.data, args.backbone, args.pretrained, args.image_size, epochs=args.epochs)
+    result = main(args.data, args.backbone, args.pretrained, args.image_size, max_iter=args.epochs)
     print(f"fine-tuned network: {result['finetuned_accuracy']:.3f}; logistic head on its features: "
           f"{result['head_accuracy']:.3f} ({result['best_params']}); chance 1/6")

@@ -26,8 +26,8 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fashi
 LEAVES = [1000000104, 1000000111, 1000000046, 1000000009, 1000000023]
 
 
-def main(data=SHARED, backbone="timm:resnet50", pretrained=True, image_size=None, per_class=100, epochs=10,
-         lr=1e-3) -> dict:
+def main(data=SHARED, backbone="timm:resnet50", pretrained=True, image_size=None, per_class=100, max_iter=10,
+         learning_rate=1e-3) -> dict:
     """Train the head of a frozen backbone; returns the held-out accuracy and the training history."""
     index = Path(tempfile.gettempdir()) / "skproduct-example-fashion.skpidx"
     products = read_bson(Path(data) / "fashion_small.bson", index_path=index)
@@ -39,7 +39,7 @@ def main(data=SHARED, backbone="timm:resnet50", pretrained=True, image_size=None
         trainable="head",            # the backbone stays frozen, batch-norm statistics included
         augment=True,                # random resized crops, flips, small rotations and shifts
         early_stopping=True, validation_fraction=0.15, n_iter_no_change=3,
-        epochs=epochs, lr=lr, random_state=0,
+        max_iter=max_iter, learning_rate=learning_rate, random_state=0,
     )
     model.fit(train, train["category_id"])
     return {"accuracy": model.score(test, test["category_id"]), "best_epoch": model.best_epoch_,
@@ -54,6 +54,6 @@ if __name__ == "__main__":
     parser.add_argument("--image-size", type=int)
     parser.add_argument("--epochs", type=int, default=10)
     args = parser.parse_args()
-    result = main(args.data, args.backbone, args.pretrained, args.image_size, epochs=args.epochs)
+    result = main(args.data, args.backbone, args.pretrained, args.image_size, max_iter=args.epochs)
     print(result["history"].round(4).to_string(index=False))
     print(f"kept epoch {result['best_epoch']}; held-out accuracy {result['accuracy']:.3f} (chance 0.2)")

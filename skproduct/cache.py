@@ -18,13 +18,14 @@ from __future__ import annotations
 import logging
 import os
 import struct
-import tempfile
 import threading
 import time
 import uuid
 from pathlib import Path
 
 import numpy as np
+
+from ._files import atomic_write, temporary_pattern
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,9 @@ KEY_BYTES = 16
 _MAGIC = b"SKEMB\x00\x01\x00"
 _HEADER = struct.Struct("<8sQQ")  # magic, n vectors, dimension
 _SUFFIX = ".skemb"
-_TMP_PREFIX = ".tmp-"
+_SEGMENT_MODE = 0o644
+_TMP_PREFIX = ".tmp-"  # the temporary files of versions before atomic_write; still ignored, and pruned
+_LEFTOVER_PATTERNS = (temporary_pattern(f"*{_SUFFIX}"), f"{_TMP_PREFIX}*{_SUFFIX}")
 _STALE_TMP_SECONDS = 3600  # a temporary file older than this belongs to a killed run
 _OPEN: dict[str, EmbeddingCache] = {}
 _OPEN_LOCK = threading.Lock()
@@ -216,27 +219,13 @@ class EmbeddingCache:
             return
         folder = self.directory / fingerprint
         self._store(fingerprint)
+        segment = folder / f"seg-{os.getpid()}-{uuid.uuid4().hex}{_SUFFIX}"
+        folder.mkdir(parents=True, exist_ok=True)
         try:
-            fd, tmp = _new_temporary(folder)
+            _write_segment(segment, keys, vectors)
         except FileNotFoundError:  # another process cleared the folder meanwhile
-            fd, tmp = _new_temporary(folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(_HEADER.pack(_MAGIC, len(keys), vectors.shape[1]))
-                f.write(keys.tobytes())
-                f.write(vectors.tobytes())
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-            final = folder / f"seg-{os.getpid()}-{uuid.uuid4().hex}{_SUFFIX}"
-            try:
-                os.replace(tmp, final)
-            except FileNotFoundError:  # the folder was cleared while this segment was written
-                folder.mkdir(parents=True, exist_ok=True)
-                raise
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+            folder.mkdir(parents=True, exist_ok=True)
+            _write_segment(segment, keys, vectors)
 
     # -- housekeeping ----------------------------------------------------------
     def stats(self) -> dict:
@@ -275,7 +264,7 @@ class EmbeddingCache:
         freed = 0
         folders = []
         for folder in self._fingerprint_folders():
-            for leftover in folder.glob(f"{_TMP_PREFIX}*{_SUFFIX}"):
+            for leftover in (path for pattern in _LEFTOVER_PATTERNS for path in folder.glob(pattern)):
                 stat = leftover.stat()
                 if time.time() - stat.st_mtime > _STALE_TMP_SECONDS:
                     freed += stat.st_size
@@ -340,9 +329,12 @@ def _remove_if_empty(folder: Path) -> None:
         pass
 
 
-def _new_temporary(folder: Path) -> tuple[int, str]:
-    folder.mkdir(parents=True, exist_ok=True)
-    return tempfile.mkstemp(dir=folder, prefix=_TMP_PREFIX, suffix=_SUFFIX)
+def _write_segment(path: Path, keys: np.ndarray, vectors: np.ndarray) -> None:
+    """Write one segment file atomically, readable by every user of the cache."""
+    with atomic_write(path, permissions=_SEGMENT_MODE) as f:
+        f.write(_HEADER.pack(_MAGIC, len(keys), vectors.shape[1]))
+        f.write(keys.tobytes())
+        f.write(vectors.tobytes())
 
 
 def _read_segment(path: Path) -> tuple[np.ndarray, np.memmap]:

@@ -29,6 +29,7 @@ DEMO_PARAM_GRID = {"head__strategy": ["per_parent", "flat"], "head__estimator__C
 
 def run_demo(
     workdir: str | os.PathLike | None = None,
+    *,
     n_products: int = 400,
     random_state: int = 0,
     verbose: int = 0,
@@ -64,7 +65,8 @@ def run_demo(
         ``workdir``, ``model_path``, ``n_train``, ``n_test``, ``level_sizes``
         (nodes per level), ``level_accuracy`` (held-out accuracy per level, top
         first), ``chance`` (per level, the held-out accuracy of always
-        answering the most frequent training node), ``hierarchical_f1``,
+        answering the most frequent training node:
+        :func:`~skproduct.metrics.majority_level_accuracy`), ``hierarchical_f1``,
         ``best_params`` and ``cv_score`` (the grid search's best parameters and
         their mean cross-validated hierarchical F1), ``seconds`` and
         ``cache`` (the embedding cache's :meth:`~skproduct.EmbeddingCache.stats`).
@@ -87,7 +89,7 @@ def run_demo(
     from .cache import EmbeddingCache
     from .datasets import make_category_tree, write_synthetic_bson
     from .io import read_bson
-    from .metrics import hierarchical_f1_score, level_accuracy_score
+    from .metrics import hierarchical_f1_score, level_accuracy_score, majority_level_accuracy
 
     start = time.perf_counter()
     folder = Path(tempfile.mkdtemp(prefix="skproduct-demo-") if workdir is None else workdir)
@@ -117,9 +119,9 @@ def run_demo(
         "n_train": len(train),
         "n_test": len(test),
         "level_sizes": tree.level_sizes,
-        "level_accuracy": level_accuracy_score(labels[test], predicted, tree),
-        "chance": majority_level_accuracy(labels[train], labels[test], tree),
-        "hierarchical_f1": hierarchical_f1_score(labels[test], predicted, tree),
+        "level_accuracy": level_accuracy_score(labels[test], predicted, tree=tree),
+        "chance": majority_level_accuracy(labels[train], labels[test], tree=tree),
+        "hierarchical_f1": hierarchical_f1_score(labels[test], predicted, tree=tree),
         "best_params": search.best_params_,
         "cv_score": float(search.best_score_),
         "seconds": time.perf_counter() - start,
@@ -152,34 +154,4 @@ def _grid_search(tree, cache: Path, random_state: int, verbose: int):
         ]
     )
     folds = KFold(3, shuffle=True, random_state=random_state)  # not stratified: rare leaves have a product or two
-    return GridSearchCV(pipeline, DEMO_PARAM_GRID, scoring=make_hierarchical_scorer(tree, "f1"), cv=folds)
-
-
-def majority_level_accuracy(y_train, y_test, tree) -> np.ndarray:
-    """Per level, the accuracy on ``y_test`` of always answering the most frequent node of ``y_train``.
-
-    The chance level a classifier must beat (at least as high as a uniform
-    guess whenever the training and test sets share their most frequent node).
-
-    Parameters
-    ----------
-    y_train, y_test : array-like of shape (n_samples,)
-        Leaf labels of ``tree``.
-    tree : CategoryTree
-        Their category tree.
-
-    Returns
-    -------
-    numpy.ndarray of shape (tree.depth,)
-        Top level first.
-
-    Examples
-    --------
-    >>> from skproduct import CategoryTree
-    >>> tree = CategoryTree.from_paths([("A", "a1"), ("A", "a2"), ("B", "b1")])
-    >>> majority_level_accuracy(["a1", "a2", "a2"], ["a1", "a2", "b1", "a2"], tree)
-    array([0.75, 0.5 ])
-    """
-    train_codes, test_codes = tree.encode(y_train), tree.encode(y_test)
-    majority = [np.bincount(column).argmax() for column in train_codes.T]
-    return (test_codes == np.array(majority)).mean(axis=0)
+    return GridSearchCV(pipeline, DEMO_PARAM_GRID, scoring=make_hierarchical_scorer(tree, metric="f1"), cv=folds)

@@ -7,105 +7,24 @@ import os
 from numbers import Integral
 
 import numpy as np
-from sklearn.base import (
-    BaseEstimator,
-    ClassNamePrefixFeaturesOutMixin,
-    TransformerMixin,
-)
-from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin, _fit_context
+from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted
 
-from .backbones import (
-    build_backbone,
-    fingerprint,
-    parse_backbone,
-    resolve_preprocessing,
-    weights_identity,
-)
+from .backbones import build_backbone, fingerprint, parse_backbone, resolve_preprocessing, weights_identity
 from .cache import EmbeddingCache
-from .images import ON_ERROR_CHOICES, picture_content
+from .image_pipeline import IMAGE_ESTIMATOR_CONSTRAINTS, ImageEstimatorMixin, flatten_products, pool_products
+from .images import picture_content
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ImageEmbedder", "flatten_products", "image_refs"]
+__all__ = ["ImageEmbedder"]
 
-_IMAGE_COLUMNS = ("images", "image")
-_FLUSH_EVERY = 2048
-
-
-def image_refs(X, column: str | None = None) -> list[list]:
-    """Per product, the list of its picture references.
-
-    ``X`` is a DataFrame (from :func:`~skproduct.io.read_bson` or
-    :func:`~skproduct.io.read_table`), a Series, or a sequence whose items are
-    picture references or lists of them. For a DataFrame, ``column`` names the
-    picture column; by default ``"images"`` or else ``"image"``.
-
-    Examples
-    --------
-    >>> image_refs(["a.jpg", ["b.jpg", "c.jpg"]])
-    [['a.jpg'], ['b.jpg', 'c.jpg']]
-    """
-    import pandas as pd
-
-    if isinstance(X, pd.DataFrame):
-        if column is None:
-            column = next((c for c in _IMAGE_COLUMNS if c in X.columns), None)
-            if column is None:
-                raise ValueError(
-                    f"the DataFrame has no 'images' or 'image' column (columns: {list(X.columns)}); pass column="
-                )
-        elif column not in X.columns:
-            raise ValueError(f"the DataFrame has no column {column!r} (columns: {list(X.columns)})")
-        X = X[column]
-    if isinstance(X, (str, bytes, os.PathLike)) or not hasattr(X, "__len__"):
-        raise TypeError(
-            f"X must be a DataFrame, a Series or a sequence of picture references, got {type(X).__name__}"
-        )
-    if isinstance(X, np.ndarray) and X.dtype != object:
-        raise TypeError(
-            "X is a numeric array; skproduct's image estimators take picture references (paths, bytes, PIL "
-            "images, uint8 arrays, BsonImageRef), one item (or list of items) per product"
-        )
-    products = []
-    for position, item in enumerate(X):
-        refs = list(item) if isinstance(item, (list, tuple)) else [item]
-        if not refs:
-            raise ValueError(f"product {position} has no pictures")
-        products.append(refs)
-    return products
+_FLUSH_EVERY = 2048  # vectors written to the cache together
+_POOL_BLOCK = 8192  # images pooled together from the table of unique vectors
 
 
-# The parameters every estimator that runs a backbone on pictures shares (ImageEmbedder, FineTuneClassifier).
-PICTURE_ESTIMATOR_CONSTRAINTS: dict = {
-    "backbone": [str],
-    "pretrained": ["boolean"],
-    "weights": [str, os.PathLike, None],
-    "device": [str],
-    "num_workers": [Interval(Integral, 0, None, closed="left")],
-    "precision": [StrOptions({"auto", "fp32", "bf16", "fp16"})],
-    "image_size": [Interval(Integral, 8, None, closed="left"), None],
-    "column": [str, None],
-    "on_error": [StrOptions(set(ON_ERROR_CHOICES))],
-    "verbose": ["verbose"],
-    "random_state": [Interval(Integral, 0, None, closed="left")],
-}
-
-
-def flatten_products(products: list[list]) -> tuple[list, np.ndarray]:
-    """Every picture of ``products`` in order, and the position of the product each belongs to.
-
-    Examples
-    --------
-    >>> refs, owner = flatten_products([["a.jpg"], ["b.jpg", "c.jpg"]])
-    >>> refs, owner.tolist()
-    (['a.jpg', 'b.jpg', 'c.jpg'], [0, 1, 1])
-    """
-    refs = [ref for product in products for ref in product]
-    return refs, np.repeat(np.arange(len(products)), [len(product) for product in products])
-
-
-class ImageEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
+class ImageEmbedder(ImageEstimatorMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     """Turn each product's pictures into one vector with a pretrained backbone.
 
     Pictures of all products are flattened into batches, decoded and
@@ -133,12 +52,16 @@ class ImageEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         over ``pretrained``.
     device : str, default="auto"
         ``"auto"`` picks CUDA, then MPS, then the CPU; or a torch device string.
+        Decided at every call: ``set_params(device=...)`` on a fitted embedder
+        moves it without refitting, and its cache keys stay the same.
     batch_size : int, default=64
         Pictures per forward pass.
     num_workers : int, default=0
         DataLoader worker processes that decode and preprocess pictures.
     precision : {"auto", "fp32", "bf16", "fp16"}, default="auto"
-        ``"auto"``: bf16 (or fp16) autocast on CUDA, fp32 elsewhere.
+        ``"auto"``: bf16 (or fp16) autocast on CUDA, fp32 elsewhere; ``"bf16"``
+        also runs on CPUs. Part of the fingerprint: fixed at fit and kept by
+        later calls wherever their device can run it.
     image_size : int, optional
         Input side in pixels; defaults to the backbone's own.
     pooling : {"mean", "max"}, default="mean"
@@ -164,9 +87,9 @@ class ImageEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
     preprocessing_ : Preprocessing
         Resize, crop and normalisation used.
     device_ : str
-        The device the model runs on.
+        The device of the fit (later calls run where ``device`` says then).
     precision_ : str
-        The precision used (``"fp32"``, ``"bf16"`` or ``"fp16"``).
+        The precision of the fit (``"fp32"``, ``"bf16"`` or ``"fp16"``).
     n_features_out_ : int
         The embedding size.
 
@@ -180,9 +103,8 @@ class ImageEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
     """
 
     _parameter_constraints: dict = {
-        **PICTURE_ESTIMATOR_CONSTRAINTS,
+        **IMAGE_ESTIMATOR_CONSTRAINTS,
         "batch_size": [Interval(Integral, 1, None, closed="left")],
-        "pooling": [StrOptions({"mean", "max"})],
         "cache": [str, os.PathLike, EmbeddingCache, None],
     }
 
@@ -220,20 +142,17 @@ class ImageEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         self.random_state = random_state
 
     # -- scikit-learn protocol -------------------------------------------------
+    @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X=None, y=None):
         """Resolve the backbone, its preprocessing, device, precision and fingerprint.
 
         Nothing is learned from ``X``: the backbone is pretrained (or seeded).
         The model itself is built on first use, and not at all when every
-        picture is cached.
+        picture is cached; the vector size is read from the cache or from the
+        model, never from a forward pass.
         """
-        self._validate_params()
-        from ._torch_data import resolve_device, resolve_precision
-
         spec = parse_backbone(self.backbone)
-        device = resolve_device(self.device)
-        self.device_ = str(device)
-        self.precision_ = resolve_precision(self.precision, device)
+        device = self._fit_device()
         self.preprocessing_ = resolve_preprocessing(spec, self.image_size)
         weights = None if self.weights is None else os.fspath(self.weights)
         self._weights_id = weights_identity(spec, self.pretrained, weights, self.random_state)
@@ -241,27 +160,24 @@ class ImageEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         self._module = None
         if getattr(self, "_restored_for", None) != (self.backbone, self._weights_id, self.image_size):
             self._state_to_restore = None  # weights from a pickle belong to other settings
-        self.n_features_out_ = self._embedding_size()
+        self.n_features_out_ = self._embedding_size(device)
         return self
 
     def transform(self, X) -> np.ndarray:
-        """Embed each product's pictures: float32 ``(n_products, n_features_out_)`` in input order."""
+        """Embed each product's pictures: float32 ``(n_products, n_features_out_)`` in input order.
+
+        Runs on the device the ``device`` parameter names now; pictures are
+        pooled into products chunk by chunk as they stream from the backbone.
+        """
         check_is_fitted(self, "fingerprint_")
-        products = image_refs(X, self.column)
+        products = self._products(X)
         refs, owner = flatten_products(products)
-        vectors, used = self._picture_vectors(refs)
-        return self._pool(vectors, used, owner, len(products))
-
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.input_tags.two_d_array = False
-        tags.input_tags.string = True
-        tags.non_deterministic = False
-        return tags
-
-    @property
-    def _n_features_out(self) -> int:
-        return self.n_features_out_
+        device, precision = self._call_device()
+        out = np.zeros((len(products), self.n_features_out_), dtype=np.float32)
+        batches = self._image_vectors(refs, device, precision)
+        for start, rows in pool_products(batches, owner, how=self.pooling, fallback_name="a zero vector"):
+            out[start : start + len(rows)] = rows
+        return out
 
     # -- pictures to vectors ---------------------------------------------------
     def _cache(self) -> EmbeddingCache | None:
@@ -269,30 +185,56 @@ class ImageEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
             return self.cache
         return EmbeddingCache(self.cache)
 
-    def _picture_vectors(self, refs: list) -> tuple[np.ndarray, np.ndarray]:
-        """One vector per picture, and whether each picture was used (not skipped)."""
+    def _call_fingerprint(self, precision: str) -> str:
+        """The cache key of this call's vectors: the fit's, unless the precision had to fall back."""
+        if precision == self.precision_:
+            return self.fingerprint_
+        return fingerprint(parse_backbone(self.backbone), self._weights_id, self.preprocessing_, precision)
+
+    def _image_vectors(self, refs: list, device, precision: str):
+        """Yield ``(positions, vectors, used)`` over every picture of ``refs``, in order.
+
+        Without a cache the backbone's batches stream straight to pooling.
+        With one, each distinct picture is looked up or extracted once (and
+        stored as it is computed), then the pictures are yielded in blocks.
+        """
         cache = self._cache()
         if cache is None:
-            return self._extract(refs, None, None)
+            for positions, vectors, used, _ in self._batches(refs, device, precision):
+                yield positions, vectors, used
+            return
+        key = self._call_fingerprint(precision)
         keys, readable = self._keys(refs)
-        vectors = np.zeros((len(refs), self.n_features_out_), dtype=np.float32)
-        used = np.ones(len(refs), dtype=bool)
         good = np.flatnonzero(readable)
         unique, first, inverse = np.unique(keys[good], return_index=True, return_inverse=True)
-        found_vectors, found = cache.get(self.fingerprint_, unique)
-        unique_vectors = np.zeros((len(unique), self.n_features_out_), dtype=np.float32)
-        unique_used = np.ones(len(unique), dtype=bool)
+        unique_vectors, found = cache.get(key, unique)
+        table = np.zeros((len(unique), self.n_features_out_), dtype=np.float32)
+        table_used = np.ones(len(unique), dtype=bool)
         if found.any():
-            unique_vectors[found] = found_vectors
+            table[found] = unique_vectors
         missing = np.flatnonzero(~found)
         if len(missing):
-            computed, computed_used = self._extract([refs[good[first[m]]] for m in missing], cache, unique[missing])
-            unique_vectors[missing], unique_used[missing] = computed, computed_used
-        vectors[good], used[good] = unique_vectors[inverse], unique_used[inverse]
-        if len(good) < len(refs):  # unreadable pictures have no key: the policy decides, nothing is cached
+            self._extract_into(
+                [refs[good[first[m]]] for m in missing], table, table_used, missing, cache, key, unique[missing],
+                device, precision,
+            )
+        vectors = np.zeros((len(refs), self.n_features_out_), dtype=np.float32) if len(good) < len(refs) else None
+        used = np.ones(len(refs), dtype=bool)
+        if vectors is not None:  # unreadable pictures have no key: the policy decides, nothing is cached
             bad = np.flatnonzero(~readable)
-            vectors[bad], used[bad] = self._extract([refs[b] for b in bad], None, None)
-        return vectors, used
+            for positions, batch_vectors, batch_used, _ in self._batches([refs[b] for b in bad], device, precision):
+                vectors[bad[positions]], used[bad[positions]] = batch_vectors, batch_used
+        place = np.full(len(refs), -1)
+        place[good] = inverse
+        for start in range(0, len(refs), _POOL_BLOCK):
+            positions = np.arange(start, min(start + _POOL_BLOCK, len(refs)))
+            rows = place[positions]
+            block = table[np.maximum(rows, 0)]
+            block_used = table_used[np.maximum(rows, 0)]
+            if vectors is not None:
+                unread = rows < 0
+                block[unread], block_used[unread] = vectors[positions[unread]], used[positions[unread]]
+            yield positions, block, block_used
 
     def _keys(self, refs: list) -> tuple[np.ndarray, np.ndarray]:
         """Content keys of the pictures, and which pictures could be read at all."""
@@ -309,63 +251,45 @@ class ImageEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
                 contents.append(b"")
         return EmbeddingCache.keys_for(contents), readable
 
-    def _extract(self, refs: list, cache: EmbeddingCache | None, keys: np.ndarray | None):
-        """Run the backbone over ``refs``; store decodable pictures' vectors in ``cache`` as they come."""
-        import torch
+    def _batches(self, refs: list, device, precision: str):
+        """The backbone over ``refs`` in order: :func:`~skproduct.image_pipeline.data.image_batches`."""
         from tqdm.auto import tqdm
 
-        from ._torch_data import PictureDataset, forward_pictures
+        from .image_pipeline.data import ImageDataset, image_batches
 
-        dataset = PictureDataset(
+        dataset = ImageDataset(
             refs, self.preprocessing_.transform(), self.on_error, self.preprocessing_.image_size,
             self.preprocessing_.draft_size, compact=self.num_workers > 0,
         )
-        pending: list[tuple[np.ndarray, np.ndarray]] = []
-
-        def store(positions: np.ndarray, vectors: np.ndarray) -> None:
-            pending.append((keys[positions], vectors))
-            if sum(len(k) for k, _ in pending) >= _FLUSH_EVERY:
-                self._flush(cache, pending)
-
         progress = tqdm(total=len(refs), unit="img", disable=not self.verbose, desc=f"embedding ({self.backbone})")
-        vectors, used = forward_pictures(
-            self._model(), dataset, self.n_features_out_, batch_size=self.batch_size, num_workers=self.num_workers,
-            device=torch.device(self.device_), precision=self.precision_, on_error=self.on_error, progress=progress,
-            on_batch=None if cache is None else store,
+        return image_batches(
+            self._model(device), dataset, batch_size=self.batch_size, num_workers=self.num_workers, device=device,
+            precision=precision, on_error=self.on_error, progress=progress,
         )
-        if cache is not None:
-            self._flush(cache, pending)
-        return vectors, used
 
-    def _flush(self, cache: EmbeddingCache, pending: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    def _extract_into(self, refs, table, table_used, rows, cache, key, keys, device, precision) -> None:
+        """Extract ``refs`` into ``table[rows]``; store the decodable pictures' vectors in ``cache`` as they come."""
+        pending: list[tuple[np.ndarray, np.ndarray]] = []
+        for positions, vectors, used, decoded in self._batches(refs, device, precision):
+            table[rows[positions]], table_used[rows[positions]] = vectors, used
+            pending.append((keys[positions[decoded]], vectors[decoded]))
+            if sum(len(k) for k, _ in pending) >= _FLUSH_EVERY:
+                self._flush(cache, key, pending)
+        self._flush(cache, key, pending)
+
+    def _flush(self, cache: EmbeddingCache, key: str, pending: list[tuple[np.ndarray, np.ndarray]]) -> None:
         if pending:
             keys, vectors = np.concatenate([k for k, _ in pending]), np.concatenate([v for _, v in pending])
-            cache.put(self.fingerprint_, keys, vectors)
+            if len(keys):
+                cache.put(key, keys, vectors)
             pending.clear()
 
-    def _pool(self, vectors: np.ndarray, used: np.ndarray, owner: np.ndarray, n_products: int) -> np.ndarray:
-        out = np.zeros((n_products, vectors.shape[1]), dtype=np.float32)
-        counts = np.bincount(owner[used], minlength=n_products)
-        if self.pooling == "mean":
-            np.add.at(out, owner[used], vectors[used])
-            out /= np.maximum(counts, 1)[:, None]
-        else:
-            out.fill(-np.inf)
-            np.maximum.at(out, owner[used], vectors[used])
-            out[counts == 0] = 0.0
-        if (counts == 0).any():
-            logger.warning(
-                "%d products had no decodable picture and got a zero vector (for example product %d)",
-                int((counts == 0).sum()), int(np.flatnonzero(counts == 0)[0]),
-            )
-        return out
-
     # -- the model ---------------------------------------------------------------
-    def _model(self):
-        """The backbone on its device, built on first use."""
-        if getattr(self, "_module", None) is None:
-            import torch
+    def _model(self, device):
+        """The backbone on ``device``, built on first use (and moved when the call's device changes)."""
+        import torch
 
+        if getattr(self, "_module", None) is None:
             spec = parse_backbone(self.backbone)
             state = getattr(self, "_state_to_restore", None)
             weights = None if self.weights is None else os.fspath(self.weights)
@@ -379,21 +303,21 @@ class ImageEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
             if state is not None:
                 module.load_state_dict(state)
                 self._state_to_restore = None
-            self._module = module.to(torch.device(self.device_), memory_format=torch.channels_last)
+            self._module, self._module_device = module, None
+        if self._module_device != device:
+            self._module = self._module.to(device, memory_format=torch.channels_last)
+            self._module_device = device
         return self._module
 
-    def _embedding_size(self) -> int:
+    def _embedding_size(self, device) -> int:
         cache = self._cache()
         if cache is not None:
             size = cache.dimension(self.fingerprint_)
             if size is not None:
                 return size
-        import torch
+        from .image_pipeline.data import feature_size
 
-        module = self._model()
-        probe = torch.zeros(1, 3, self.preprocessing_.image_size, self.preprocessing_.image_size)
-        with torch.inference_mode():
-            return int(module(probe.to(torch.device(self.device_))).shape[1])
+        return feature_size(self._model(device), self.preprocessing_.image_size)
 
     # -- persistence -------------------------------------------------------------
     def __getstate__(self):
@@ -407,11 +331,3 @@ class ImageEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
     def __setstate__(self, state):
         super().__setstate__(state)
         self._module = None
-        if hasattr(self, "device_"):
-            from ._torch_data import device_available
-
-            if not device_available(self.device_):
-                # The precision stays: the vectors keep matching the fingerprint (and the cache), computed under
-                # CPU autocast when it was bf16 or fp16.
-                logger.info("this embedder ran on %s, which this machine lacks; it runs on the CPU", self.device_)
-                self.device_ = "cpu"

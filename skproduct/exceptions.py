@@ -17,6 +17,7 @@ __all__ = [
     "BsonTruncatedError",
     "ImageDecodeError",
     "DeviceFallbackWarning",
+    "DeviceUnavailableError",
     "EmptyProductWarning",
     "MissingImagesError",
     "SkproductWarning",
@@ -88,6 +89,11 @@ class WeightsUnavailableError(RuntimeError):
     The message says how to go on: pass ``weights='path/to/file'`` with a local
     copy of the weights, or ``pretrained=False`` for random (seeded) weights.
     """
+
+
+class DeviceUnavailableError(ValueError):
+    """A device was asked for explicitly (``device="cuda"``, ``--device cuda``) and this machine lacks it, or the
+    string names no torch device."""
 
 
 class SkproductWarning(UserWarning):

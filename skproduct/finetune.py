@@ -1,37 +1,46 @@
-"""FineTuneClassifier: fine-tune a timm or open_clip backbone end to end as a scikit-learn classifier."""
+"""FineTuneClassifier: fine-tune a timm or open_clip backbone end to end as a scikit-learn classifier.
+
+The estimator holds the parameters, the validation and the scikit-learn API;
+pictures become tensors in :mod:`skproduct.image_pipeline`, epochs run in
+:mod:`skproduct._training` (a trainer made of parts), and the network, the
+augmentation and one epoch's steps live in :mod:`skproduct._finetune_parts`.
+"""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
-import time
 from numbers import Integral, Real
 from pathlib import Path
 
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin
+from sklearn.base import (
+    BaseEstimator,
+    ClassifierMixin,
+    ClassNamePrefixFeaturesOutMixin,
+    TransformerMixin,
+    _fit_context,
+)
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.class_weight import compute_class_weight
 from sklearn.utils.validation import check_is_fitted
 
 from .backbones import build_backbone, file_sha256, parse_backbone, resolve_preprocessing
-from .cache import EmbeddingCache
-from .embed import PICTURE_ESTIMATOR_CONSTRAINTS, ImageEmbedder, flatten_products, image_refs
-from .exceptions import ImageDecodeError
-from .images import describe_image_ref, picture_content
+from .embed import ImageEmbedder
+from .image_pipeline import IMAGE_ESTIMATOR_CONSTRAINTS, ImageEstimatorMixin, flatten_products, pool_products
 from .taxonomy import CategoryTree
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["FineTuneClassifier"]
 
-_PRODUCTS_PER_CHUNK = 4096  # products predicted together: bounds memory at pictures x classes of one chunk
-_UNSET_FOR_CHECKPOINT_KEY = ("verbose", "num_workers", "checkpoint_dir", "device", "warm_start")
+# Parameters that do not change what a fit computes, left out of its checkpoint's name.
+_UNSET_FOR_CHECKPOINT_KEY = ("verbose", "num_workers", "checkpoint_dir", "device", "warm_start", "pooling")
 
 
-class FineTuneClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin, TransformerMixin, BaseEstimator):
+class FineTuneClassifier(ImageEstimatorMixin, ClassNamePrefixFeaturesOutMixin, ClassifierMixin, TransformerMixin,
+                         BaseEstimator):
     """Fine-tune a backbone and a new classification head on product pictures.
 
     ``X`` is what :class:`~skproduct.ImageEmbedder` takes: a DataFrame from
@@ -63,17 +72,18 @@ class FineTuneClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin, Trans
         The category tree whose leaves are the labels: one head per level,
         predictions always on a valid path, and :attr:`classes_` holds every
         leaf of the tree.
-    epochs : int, default=10
-        Passes over the training pictures (with ``warm_start``, more passes).
+    max_iter : int, default=10
+        Epochs: passes over the training pictures (with ``warm_start``, more
+        passes). Named as scikit-learn's ``MLPClassifier`` names it.
     batch_size : int, default=32
         Pictures per step (and per forward pass when predicting).
-    lr : float, default=3e-4
+    learning_rate : float, default=3e-4
         Peak learning rate of AdamW.
     weight_decay : float, default=0.05
         AdamW's decoupled weight decay, on weight matrices and kernels only.
     warmup_fraction : float, default=0.1
         Fraction of each training phase's steps spent warming the learning
-        rate up linearly; the rest follows a cosine decay to 1% of ``lr``.
+        rate up linearly; the rest follows a cosine decay to 1% of ``learning_rate``.
     trainable : {"all", "head", "head_then_all"}, default="all"
         Train the whole network; only the new head(s) on a frozen backbone
         (its batch-norm statistics frozen too); or the head alone for
@@ -84,7 +94,9 @@ class FineTuneClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin, Trans
     augment : bool or callable, default=True
         Random augmentation of training pictures; ``False`` uses the
         prediction preprocessing; a callable (PIL image to normalised tensor,
-        such as a torchvision transform) replaces the default.
+        such as a torchvision transform) replaces the default. With a
+        ``checkpoint_dir``, the callable must have a stable identity (a
+        module-level function or a transform object; not a lambda).
     label_smoothing : float, default=0.1
         Label smoothing of the cross-entropy (of every level's).
     class_weight : dict, "balanced" or None, default=None
@@ -95,19 +107,28 @@ class FineTuneClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin, Trans
         Input side in pixels; defaults to the backbone's own.
     precision : {"auto", "fp32", "bf16", "fp16"}, default="auto"
         ``"auto"``: bf16 (or fp16 with loss scaling) autocast on CUDA, fp32
-        elsewhere.
+        elsewhere; ``"bf16"`` also runs on CPUs. Fixed at fit; later calls
+        keep it wherever their device runs it.
+    pooling : {"mean", "max"}, default="mean"
+        How a product's pictures are combined in :meth:`predict_proba` (max
+        probabilities are renormalised) and :meth:`transform`.
     early_stopping : bool, default=True
         Hold out ``validation_fraction`` of the products, keep the epoch with
         the lowest validation loss, and stop after ``n_iter_no_change`` epochs
-        without improvement. ``False`` trains on every product for ``epochs``
-        epochs and keeps the last.
+        without an improvement of more than ``tol``. ``False`` trains on every
+        product for ``max_iter`` epochs and keeps the last. On by default
+        (unlike :class:`~skproduct.TorchLinearClassifier`'s): a fine-tuned
+        network overfits within a few epochs, a convex head does not.
     validation_fraction : float, default=0.1
-        Fraction of the products held out (stratified when every class has two
-        products or more).
+        Fraction of the products held out (rounded up, as scikit-learn's
+        ``train_test_split`` does; stratified when every class can be split).
     n_iter_no_change : int, default=3
-        Epochs without a lower validation loss before training stops.
+        Epochs without an improvement of the validation loss before training stops.
+    tol : float, default=1e-4
+        The smallest fall of the validation loss that counts as an improvement.
     device : str, default="auto"
         ``"auto"`` picks CUDA, then MPS, then the CPU; or a torch device string.
+        Decided at every call: ``set_params(device=...)`` moves a fitted model.
     num_workers : int, default=0
         DataLoader worker processes that decode and augment pictures.
     column : str, optional
@@ -127,7 +148,7 @@ class FineTuneClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin, Trans
         so grid-search candidates never share one); a finished fit's
         checkpoint makes the same fit instant. Remove the folder to retrain.
     warm_start : bool, default=False
-        Continue training the fitted network for ``epochs`` more epochs
+        Continue training the fitted network for ``max_iter`` more epochs
         (labels must be among :attr:`classes_`), on the whole network, with a
         new optimiser and schedule (warm-up included) and the same held-out
         products; the model it starts from is kept unless an epoch beats its
@@ -158,8 +179,10 @@ class FineTuneClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin, Trans
     preprocessing_ : Preprocessing
         The preprocessing used for prediction (and for training without
         augmentation).
+    n_iter_ : int
+        Epochs run (over all warm starts).
     device_, precision_ : str
-        Where and in which precision the network runs.
+        Where and in which precision the network was trained.
 
     Examples
     --------
@@ -167,8 +190,8 @@ class FineTuneClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin, Trans
     >>> rng = np.random.default_rng(0)
     >>> dark = [rng.integers(0, 60, (32, 32, 3), dtype=np.uint8) for _ in range(12)]
     >>> light = [rng.integers(190, 255, (32, 32, 3), dtype=np.uint8) for _ in range(12)]
-    >>> model = FineTuneClassifier("timm:test_resnet", pretrained=False, image_size=32, epochs=8, lr=1e-2,
-    ...                            augment=False, early_stopping=False)
+    >>> model = FineTuneClassifier("timm:test_resnet", pretrained=False, image_size=32, max_iter=8,
+    ...                            learning_rate=1e-2, augment=False, early_stopping=False)
     >>> model.fit(dark + light, ["dark"] * 12 + ["light"] * 12).predict([dark[0], light[0]]).tolist()
     ['dark', 'light']
     >>> len(model.history_), model.transform([dark[0]]).shape
@@ -176,11 +199,11 @@ class FineTuneClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin, Trans
     """
 
     _parameter_constraints: dict = {
-        **PICTURE_ESTIMATOR_CONSTRAINTS,
+        **IMAGE_ESTIMATOR_CONSTRAINTS,
         "tree": [CategoryTree, None],
-        "epochs": [Interval(Integral, 1, None, closed="left")],
+        "max_iter": [Interval(Integral, 1, None, closed="left")],
         "batch_size": [Interval(Integral, 2, None, closed="left")],
-        "lr": [Interval(Real, 0, None, closed="neither")],
+        "learning_rate": [Interval(Real, 0, None, closed="neither")],
         "weight_decay": [Interval(Real, 0, None, closed="left")],
         "warmup_fraction": [Interval(Real, 0, 1, closed="left")],
         "trainable": [StrOptions({"all", "head", "head_then_all"})],
@@ -191,6 +214,7 @@ class FineTuneClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin, Trans
         "early_stopping": ["boolean"],
         "validation_fraction": [Interval(Real, 0, 1, closed="neither")],
         "n_iter_no_change": [Interval(Integral, 1, None, closed="left")],
+        "tol": [Interval(Real, 0, None, closed="left")],
         "checkpoint_dir": [str, os.PathLike, None],
         "warm_start": ["boolean"],
     }
@@ -202,9 +226,9 @@ class FineTuneClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin, Trans
         pretrained: bool = True,
         weights: str | os.PathLike | None = None,
         tree: CategoryTree | None = None,
-        epochs: int = 10,
+        max_iter: int = 10,
         batch_size: int = 32,
-        lr: float = 3e-4,
+        learning_rate: float = 3e-4,
         weight_decay: float = 0.05,
         warmup_fraction: float = 0.1,
         trainable: str = "all",
@@ -214,9 +238,11 @@ class FineTuneClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin, Trans
         class_weight: dict | str | None = None,
         image_size: int | None = None,
         precision: str = "auto",
+        pooling: str = "mean",
         early_stopping: bool = True,
         validation_fraction: float = 0.1,
         n_iter_no_change: int = 3,
+        tol: float = 1e-4,
         device: str = "auto",
         num_workers: int = 0,
         column: str | None = None,
@@ -230,9 +256,9 @@ class FineTuneClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin, Trans
         self.pretrained = pretrained
         self.weights = weights
         self.tree = tree
-        self.epochs = epochs
+        self.max_iter = max_iter
         self.batch_size = batch_size
-        self.lr = lr
+        self.learning_rate = learning_rate
         self.weight_decay = weight_decay
         self.warmup_fraction = warmup_fraction
         self.trainable = trainable
@@ -242,9 +268,11 @@ class FineTuneClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin, Trans
         self.class_weight = class_weight
         self.image_size = image_size
         self.precision = precision
+        self.pooling = pooling
         self.early_stopping = early_stopping
         self.validation_fraction = validation_fraction
         self.n_iter_no_change = n_iter_no_change
+        self.tol = tol
         self.device = device
         self.num_workers = num_workers
         self.column = column
@@ -255,6 +283,7 @@ class FineTuneClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin, Trans
         self.random_state = random_state
 
     # -- fitting ----------------------------------------------------------------
+    @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y):
         """Fine-tune the network on the products ``X`` with labels ``y``.
 
@@ -272,26 +301,25 @@ class FineTuneClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin, Trans
         """
         import torch
 
-        self._validate_params()
         y = self._labels(y)
-        products = image_refs(X, self.column)
+        products = self._products(X)
         if len(y) != len(products):
             raise ValueError(f"X has {len(products)} products but y has {len(y)} labels")
         continuing = self.warm_start and hasattr(self, "best_epoch_")
         if continuing:
             self._check_known_labels(y)
-            self._resolve_device()
         elif hasattr(self, "best_epoch_"):
             del self.best_epoch_  # a refit that fails half-way must not leave a fitted-looking estimator
+        device = self._fit_device()
         refs, owner = flatten_products(products)
-        checkpoint = self._checkpoint_path(refs, owner, y, continuing)
+        checkpoint = self._checkpoint_path(refs, owner, y, continuing, device)
         if not continuing:  # a checkpoint to resume from replaces the starting weights: no download then
             self._start(y, download=checkpoint is None or not checkpoint.exists())
         codes = self.tree_.encode(y)
         train, valid = self._split(codes[:, -1], len(products), continuing)
         weights = self._product_weights(y, train)
-        with torch.random.fork_rng(devices=self._rng_devices()):
-            self._train(products, refs, owner, codes, self.tree_.leaf_positions(y), weights, train, valid, checkpoint)
+        with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if device.type == "cuda" else []):
+            self._train(products, refs, owner, codes, y, weights, train, valid, checkpoint, device)
         return self
 
     def _labels(self, y) -> np.ndarray:
@@ -311,8 +339,7 @@ class FineTuneClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin, Trans
         return y
 
     def _start(self, y: np.ndarray, download: bool) -> None:
-        """Resolve the backbone, device, precision, tree and classes of a fresh fit."""
-        self._resolve_device()
+        """Resolve the preprocessing, tree and classes of a fresh fit, and build the network."""
         self.preprocessing_ = resolve_preprocessing(parse_backbone(self.backbone), self.image_size)
         if self.tree is not None:
             unknown = sorted({str(v) for v in np.unique(y) if v not in self.tree})
@@ -323,24 +350,11 @@ class FineTuneClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin, Trans
                 )
             self.tree_ = self.tree
         else:
-            classes = np.unique(y)
-            self.tree_ = CategoryTree.from_paths([(str(c),) for c in classes], leaves=classes)
+            self.tree_ = CategoryTree.one_level(np.unique(y))
         self.classes_ = self.tree_.leaves
         self.history_: list[dict] = []
-        self._network = None
-        self._network_state = None
+        self._network, self._network_state = None, None
         self._build_network(initial=download)
-
-    def _resolve_device(self) -> None:
-        """``device_`` and ``precision_`` from the parameters (again when continuing, perhaps on another machine)."""
-
-        from ._torch_data import resolve_device, resolve_precision
-
-        device = resolve_device(self.device)
-        self.device_, self.precision_ = str(device), resolve_precision(self.precision, device)
-        self._trained_on = (self.device_, self.precision_)
-        if getattr(self, "_network", None) is not None:
-            self._network = self._network.to(device)
 
     def _check_known_labels(self, y: np.ndarray) -> None:
         unknown = np.setdiff1d(np.unique(y), self.classes_)
@@ -352,6 +366,8 @@ class FineTuneClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin, Trans
 
     def _split(self, leaves: np.ndarray, n_products: int, continuing: bool) -> tuple[np.ndarray, np.ndarray]:
         """Training and validation product positions; the validation set is kept over warm starts."""
+        from ._training import holdout_split
+
         everything = np.arange(n_products)
         if not self.early_stopping:
             if not continuing:
@@ -360,21 +376,14 @@ class FineTuneClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin, Trans
         if continuing and self.validation_products_ is not None and self.validation_products_.max() < n_products:
             valid = self.validation_products_
             return np.setdiff1d(everything, valid), valid
-        from sklearn.model_selection import train_test_split
-
-        n_valid = max(1, round(self.validation_fraction * n_products))
-        if n_products - n_valid < 2:
+        train, self.validation_products_ = holdout_split(leaves, self.validation_fraction, self.random_state,
+                                                         what="products")
+        if len(train) < 2:
             raise ValueError(
                 f"{n_products} products are too few to hold {self.validation_fraction:.0%} out for early stopping: "
                 "pass more products or early_stopping=False"
             )
-        counts = np.unique(leaves, return_counts=True)[1]
-        stratify = leaves if counts.min() >= 2 and n_valid >= len(counts) else None
-        train, valid = train_test_split(
-            everything, test_size=n_valid, stratify=stratify, random_state=self.random_state
-        )
-        self.validation_products_ = np.sort(valid)
-        return np.sort(train), self.validation_products_
+        return train, self.validation_products_
 
     def _product_weights(self, y: np.ndarray, train: np.ndarray) -> np.ndarray:
         """The loss weight of each product: its class weight (1 without ``class_weight``)."""
@@ -390,82 +399,55 @@ class FineTuneClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin, Trans
             lookup = dict(zip(present.tolist(), per_class, strict=True))
         return np.array([float(lookup.get(label, 1.0)) for label in y.tolist()])
 
-    # -- the training loop --------------------------------------------------------
-    def _train(
-        self, products, refs, owner, codes, leaf_index, product_weights, train, valid, checkpoint: Path | None
-    ) -> None:
+    def _train(self, products, refs, owner, codes, y, product_weights, train, valid, checkpoint, device) -> None:
+        """Run the trainer: early stopping, keep-best, the schedule, checkpoints and progress as parts."""
         import torch
-        from tqdm.auto import tqdm
 
-        from ._torch_data import PictureDataset
-        from ._training import (
-            cpu_state,
-            epoch_batches,
-            learning_rate_factor,
-            make_optimizer,
-            train_epoch,
-        )
+        from ._checkpoints import cpu_state
+        from ._finetune_parts import FineTuneTask, make_optimizer
+        from ._training import Checkpoint, EarlyStopping, KeepBest, LearningRateSchedule, Progress, Trainer
+        from .image_pipeline.data import ImageDataset
 
-        network = self._model()
-        device = torch.device(self.device_)
-        picture_rows = np.flatnonzero(np.isin(owner, train))
-        dataset = PictureDataset(
-            [refs[i] for i in picture_rows], self._training_transform(), self.on_error,
-            self.preprocessing_.image_size, self.preprocessing_.draft_size, compact=self.num_workers > 0,
+        network = self._model(device)
+        rows = np.flatnonzero(np.isin(owner, train))
+        dataset = ImageDataset(
+            [refs[i] for i in rows], self._training_transform(), self.on_error, self.preprocessing_.image_size,
+            self.preprocessing_.draft_size, compact=self.num_workers > 0,
         )
-        targets = torch.as_tensor(codes[owner[picture_rows]], dtype=torch.long)
-        weights = torch.as_tensor(product_weights[owner[picture_rows]], dtype=torch.float32)
-        valid_products = [products[i] for i in valid]
-        optimizer = make_optimizer(network, self.lr, self.weight_decay)
-        scaler = torch.amp.GradScaler(device.type, enabled=self.precision_ == "fp16")
+        valid_products, valid_leaves = [products[i] for i in valid], self.tree_.leaf_positions(y)[valid]
         first_epoch = len(self.history_)
-        state = {"epoch": 0, "best_loss": np.inf, "best_epoch": first_epoch, "best_state": None, "stale": 0}
-        if first_epoch and len(valid):  # a continuation must beat the model it starts from
-            state.update(best_loss=self._validate(valid_products, leaf_index[valid])[0], best_state=cpu_state(network))
-        if checkpoint is not None and checkpoint.exists():
-            self._resume(checkpoint, network, optimizer, scaler, state)
-        n_steps = len(epoch_batches(len(picture_rows), self.batch_size, np.random.default_rng(0)))
-        for epoch in range(state["epoch"], self.epochs):
-            if state["stale"] >= self.n_iter_no_change:
-                break
-            frozen, phase_start, phase_epochs = self._phase(epoch, continuing=bool(first_epoch))
-            seed = (self.random_state, first_epoch + epoch)
-            torch.manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
-            batches = epoch_batches(len(picture_rows), self.batch_size, np.random.default_rng(seed))
-
-            def lr_at(step, base=(epoch - phase_start) * n_steps, total=phase_epochs * n_steps):
-                return self.lr * learning_rate_factor(base + step, total, self.warmup_fraction)
-
-            start = time.perf_counter()
-            progress = tqdm(
-                total=len(picture_rows), unit="img", disable=not self.verbose,
-                desc=f"epoch {first_epoch + epoch + 1}/{first_epoch + self.epochs}",
-            )
-            with progress:
-                train_loss, n_pictures = train_epoch(
-                    network, dataset, batches, targets, weights, optimizer, scaler, lr_at=lr_at,
-                    frozen_backbone=frozen, label_smoothing=self.label_smoothing, device=device,
-                    precision=self.precision_, num_workers=self.num_workers,
-                    generator=torch.Generator().manual_seed(int(torch.initial_seed() % 2**63)), progress=progress,
-                )
-            seconds = time.perf_counter() - start
-            valid_loss, valid_accuracy = self._validate(valid_products, leaf_index[valid])
-            record = {
-                "epoch": first_epoch + epoch + 1, "train_loss": train_loss, "valid_loss": valid_loss,
-                "valid_accuracy": valid_accuracy, "lr": max(lr_at(s) for s in range(n_steps)),
-                "images_per_second": n_pictures / seconds, "seconds": seconds,
-            }
-            self.history_.append(record)
-            logger.info("epoch %(epoch)d: train loss %(train_loss).4f, valid loss %(valid_loss).4f, "
-                        "valid accuracy %(valid_accuracy).4f, %(images_per_second).1f img/s", record)
-            if len(valid) and valid_loss < state["best_loss"]:
-                state.update(best_loss=valid_loss, best_epoch=record["epoch"], best_state=cpu_state(network), stale=0)
-            elif len(valid) and not (frozen and self.trainable == "head_then_all"):
-                state["stale"] += 1  # the head phase never stops training: the unfrozen network gets the patience
-            state["epoch"] = epoch + 1
-            if checkpoint is not None:
-                self._save(checkpoint, network, optimizer, scaler, state)
-        self._finish(network, state, bool(len(valid)))
+        continuing = bool(first_epoch)
+        optimizer = make_optimizer(network, self.learning_rate, self.weight_decay)
+        task = FineTuneTask(
+            network, dataset, torch.as_tensor(codes[owner[rows]], dtype=torch.long),
+            torch.as_tensor(product_weights[owner[rows]], dtype=torch.float32), optimizer,
+            torch.amp.GradScaler(device.type, enabled=self.precision_ == "fp16"), device=device,
+            precision=self.precision_, num_workers=self.num_workers, batch_size=self.batch_size,
+            label_smoothing=self.label_smoothing, random_state=self.random_state,
+            frozen=lambda epoch: self._phase(epoch, continuing)[0],
+            validate=lambda: self._validate(valid_products, valid_leaves, device),
+        )
+        parts = [LearningRateSchedule(self.learning_rate, task.steps_per_epoch, self.warmup_fraction,
+                                      lambda epoch: self._phase(epoch, continuing)[1:])]
+        if len(valid):
+            start = (task.validate()["valid_loss"], cpu_state(network)) if continuing else None
+            head_phase = self.head_epochs if self.trainable == "head_then_all" and not continuing else 0
+            parts += [
+                EarlyStopping("valid_loss", patience=self.n_iter_no_change, tol=self.tol, counts_from=head_phase),
+                KeepBest("valid_loss", lambda: cpu_state(network), network.load_state_dict, start=start,
+                         start_epoch=first_epoch),
+            ]
+        parts.append(Progress(self.verbose, items_per_epoch=len(dataset), total_epochs=self.max_iter,
+                              describe=_describe_epoch))
+        if checkpoint is not None:
+            parts.append(Checkpoint(checkpoint, total_epochs=self.max_iter))
+        trainer = Trainer(task, parts, self.max_iter, first_epoch=first_epoch)
+        self.history_ = self.history_ + trainer.fit()
+        keep = next((part for part in parts if isinstance(part, KeepBest)), None)
+        validated = keep is not None and keep.best_weights is not None
+        self.best_epoch_ = keep.best_epoch if validated else len(self.history_)
+        self.n_iter_ = len(self.history_)
+        network.eval()
 
     def _phase(self, epoch: int, continuing: bool) -> tuple[bool, int, int]:
         """``(backbone frozen, first epoch of the phase, epochs in the phase)`` of a fit's ``epoch``.
@@ -474,93 +456,52 @@ class FineTuneClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin, Trans
         at once: its head was trained already.
         """
         if self.trainable == "head":
-            return True, 0, self.epochs
+            return True, 0, self.max_iter
         if continuing:
-            return False, 0, self.epochs
-        if self.trainable == "head_then_all" and self.head_epochs < self.epochs:
+            return False, 0, self.max_iter
+        if self.trainable == "head_then_all" and self.head_epochs < self.max_iter:
             if epoch < self.head_epochs:
                 return True, 0, self.head_epochs
-            return False, self.head_epochs, self.epochs - self.head_epochs
-        return self.trainable == "head_then_all", 0, self.epochs
+            return False, self.head_epochs, self.max_iter - self.head_epochs
+        return self.trainable == "head_then_all", 0, self.max_iter
 
-    def _validate(self, products: list[list], leaf_index: np.ndarray) -> tuple[float, float]:
+    def _validate(self, products: list[list], leaf_index: np.ndarray, device) -> tuple[float, float]:
         """Product-level log loss and accuracy on the held-out products (``nan`` without any)."""
         if not len(leaf_index):
             return float("nan"), float("nan")
         loss, correct = 0.0, 0
-        for start, proba in self._proba_chunks(products):
+        for start, proba in self._proba_chunks(products, device, self.precision_):
             truth = leaf_index[start : start + len(proba)]
             loss -= float(np.log(np.clip(proba[np.arange(len(proba)), truth], 1e-15, 1.0)).sum())
             correct += int((proba.argmax(axis=1) == truth).sum())
         return loss / len(leaf_index), correct / len(leaf_index)
 
-    def _finish(self, network, state: dict, validated: bool) -> None:
-        if validated and state["best_state"] is not None and state["best_epoch"] != self.history_[-1]["epoch"]:
-            network.load_state_dict(state["best_state"])
-            logger.info("kept the weights of epoch %d (lowest validation loss)", state["best_epoch"])
-        self.best_epoch_ = state["best_epoch"] if validated and state["best_state"] is not None else len(self.history_)
-        network.eval()
-
-    # -- checkpoints ----------------------------------------------------------------
-    def _checkpoint_path(self, refs, owner, y, continuing: bool) -> Path | None:
-        """The checkpoint of this exact fit: its name hashes the parameters, the data and the starting point."""
+    def _checkpoint_path(self, refs, owner, y, continuing: bool, device) -> Path | None:
+        """The checkpoint of this exact fit (:func:`~skproduct._checkpoints.checkpoint_name`)."""
         if self.checkpoint_dir is None:
             return None
+        from ._checkpoints import checkpoint_name
+
         params = {
-            name: (_tree_digest(value) if isinstance(value, CategoryTree) else repr(value))
+            name: _stable_repr(name, value)
             for name, value in self.get_params(deep=False).items()
             if name not in _UNSET_FOR_CHECKPOINT_KEY
         }
         if self.weights is not None:
             params["weights"] = file_sha256(self.weights)  # the file's content, not its name
-        digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
-        stats: dict = {}
-        for ref in refs:  # streamed: files are named by path, size and time, never read here
-            digest.update(_picture_identity(ref, stats))
-        digest.update(owner.tobytes())
-        digest.update(json.dumps([str(v) for v in y.tolist()]).encode())
-        if continuing:  # the weights it starts from
-            for name, value in self._model().state_dict().items():
-                digest.update(name.encode() + value.detach().cpu().numpy().tobytes())
-        return Path(self.checkpoint_dir).expanduser() / f"finetune-{digest.hexdigest()[:24]}.pt"
-
-    def _save(self, path: Path, network, optimizer, scaler, state: dict) -> None:
-
-        from ._training import CHECKPOINT_FORMAT, cpu_state, save_checkpoint
-
-        payload = {
-            "format": CHECKPOINT_FORMAT,
-            "network": cpu_state(network),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(),
-            "history": self.history_,
-            "state": {k: v for k, v in state.items() if k != "best_state"},
-            "best_state": state["best_state"],
-        }
-        save_checkpoint(path, payload)
-
-    def _resume(self, path: Path, network, optimizer, scaler, state: dict) -> None:
-        from ._training import load_checkpoint
-
-        payload = load_checkpoint(path)
-        network.load_state_dict(payload["network"])
-        optimizer.load_state_dict(payload["optimizer"])
-        if payload["scaler"] and scaler.is_enabled():  # a checkpoint from another precision has none to give
-            scaler.load_state_dict(payload["scaler"])
-        self.history_ = list(payload["history"])
-        state.update(payload["state"], best_state=payload["best_state"])
-        state["best_loss"] = float(state["best_loss"])
-        logger.info("resuming from %s: %d of %d epochs done", path, state["epoch"], self.epochs)
+        start = self._model(device).state_dict() if continuing else None
+        name = checkpoint_name(params, refs, owner, y.tolist(), start_weights=start)
+        return Path(self.checkpoint_dir).expanduser() / name
 
     # -- predicting -----------------------------------------------------------------
     def predict_proba(self, X) -> np.ndarray:
-        """Class probabilities, ``(n_products, n_classes)`` in :attr:`classes_` order: a product's pictures averaged.
+        """Class probabilities, ``(n_products, n_classes)`` in :attr:`classes_` order: a product's pictures pooled.
 
         A product with no usable picture (all skipped by ``on_error="skip"``)
         gets the training class frequencies.
         """
         check_is_fitted(self, "best_epoch_")
-        chunks = [proba for _, proba in self._proba_chunks(image_refs(X, self.column))]
+        chunks = [proba for _, proba in self._proba_chunks(self._products(X), *self._call_device())]
         return np.concatenate(chunks) if chunks else np.zeros((0, len(self.classes_)))
 
     def predict(self, X) -> np.ndarray:
@@ -570,23 +511,18 @@ class FineTuneClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin, Trans
         number of products and classes.
         """
         check_is_fitted(self, "best_epoch_")
-        best = [proba.argmax(axis=1) for _, proba in self._proba_chunks(image_refs(X, self.column))]
+        best = [proba.argmax(axis=1) for _, proba in self._proba_chunks(self._products(X), *self._call_device())]
         return self.classes_[np.concatenate(best) if best else np.zeros(0, dtype=int)]
 
-    def score(self, X, y, sample_weight=None) -> float:
-        """Product accuracy; for per-level and hierarchical scores see :mod:`skproduct.metrics`."""
-        return super().score(X, y, sample_weight=sample_weight)
-
     def transform(self, X) -> np.ndarray:
-        """The fine-tuned backbone's pooled embeddings, float32 ``(n_products, n_features_out_)``: pictures averaged."""
+        """The fine-tuned backbone's pooled embeddings, float32 ``(n_products, n_features_out_)``."""
         check_is_fitted(self, "best_epoch_")
-        chunks = [
-            means.astype(np.float32)
-            for _, means in self._product_means(
-                self._model().backbone, image_refs(X, self.column), "embedding", np.zeros(self.n_features_out_)
-            )
-        ]
-        return np.concatenate(chunks) if chunks else np.zeros((0, self.n_features_out_), dtype=np.float32)
+        device, precision = self._call_device()
+        out = np.zeros((0, self.n_features_out_), dtype=np.float32)
+        chunks = [rows.astype(np.float32) for _, rows in self._pooled(
+            self._model(device).backbone, self._products(X), device, precision, "embedding", 0.0, "a zero vector"
+        )]
+        return np.concatenate(chunks) if chunks else out
 
     def export_embedder(self, path: str | os.PathLike, **params) -> ImageEmbedder:
         """Save the fine-tuned backbone's weights to ``path`` and return an :class:`~skproduct.ImageEmbedder` on them.
@@ -604,75 +540,61 @@ class FineTuneClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin, Trans
             Further :class:`~skproduct.ImageEmbedder` parameters, such as
             ``cache`` or ``batch_size``.
         """
-        from ._training import cpu_state, save_checkpoint
+        from ._checkpoints import cpu_state, save_checkpoint
 
         check_is_fitted(self, "best_epoch_")
         path = Path(path)
-        save_checkpoint(path, cpu_state(self._model().backbone))  # atomic: a temporary file, synced, renamed
+        save_checkpoint(path, cpu_state(self._model(self._call_device()[0]).backbone))
         options = {"image_size": self.image_size, "column": self.column, "on_error": self.on_error,
-                   "device": self.device, "precision": self.precision}
+                   "device": self.device, "precision": self.precision, "pooling": self.pooling}
         return ImageEmbedder(self.backbone, pretrained=False, weights=path, **{**options, **params})
 
-    def _proba_chunks(self, products: list[list]):
-        """Yield ``(first product, probabilities)`` for consecutive chunks of ``_PRODUCTS_PER_CHUNK`` products."""
-        return self._product_means(self._model().leaf_proba, products, "predicting", self._prior)
+    def _proba_chunks(self, products: list[list], device, precision: str):
+        """Yield ``(first product, probabilities)`` chunk by chunk."""
+        chunks = self._pooled(self._model(device).leaf_proba, products, device, precision, "predicting",
+                              self._prior, "the training class frequencies")
+        for start, proba in chunks:
+            if self.pooling == "max":
+                proba = proba / proba.sum(axis=1, keepdims=True)
+            yield start, proba
 
-    def _product_means(self, module, products: list[list], what: str, fallback: np.ndarray):
-        """Yield ``(first product, mean output of each product's used pictures)`` chunk by chunk.
-
-        One pass of one DataLoader over every picture, in product order: a
-        chunk of products is finished and yielded as soon as the pictures move
-        past it, so memory holds one chunk's sums, whatever the number of
-        products; a product without a usable picture gets ``fallback``.
-        """
-        import torch
+    def _pooled(self, module, products, device, precision: str, what: str, fallback, fallback_name: str):
+        """Run ``module`` over every picture of ``products`` and pool per product (one pass, chunk by chunk)."""
         from tqdm.auto import tqdm
 
-        from ._torch_data import PictureDataset, picture_batches
+        from .image_pipeline.data import ImageDataset, image_batches
 
-        refs, product_of_picture = flatten_products(products)
-        chunk_of_picture, owner = np.divmod(product_of_picture, _PRODUCTS_PER_CHUNK)
-        dataset = PictureDataset(
+        refs, owner = flatten_products(products)
+        dataset = ImageDataset(
             refs, self.preprocessing_.transform(), self.on_error, self.preprocessing_.image_size,
             self.preprocessing_.draft_size, compact=self.num_workers > 0,
         )
         progress = tqdm(total=len(refs), unit="img", disable=not self.verbose, desc=f"{what} ({self.backbone})")
-        self._model().eval()
-        batches = picture_batches(
-            module, dataset, batch_size=self.batch_size, num_workers=self.num_workers,
-            device=torch.device(self.device_), precision=self.precision_, on_error=self.on_error, progress=progress,
+        self._model(device).eval()
+        batches = image_batches(
+            module, dataset, batch_size=self.batch_size, num_workers=self.num_workers, device=device,
+            precision=precision, on_error=self.on_error, progress=progress,
         )
-        sums, counts, chunk = None, None, 0
-        for positions, outputs, used, _ in batches:
-            for part in np.unique(chunk_of_picture[positions]):
-                while part > chunk:  # the pictures moved past this chunk: it is complete
-                    yield chunk * _PRODUCTS_PER_CHUNK, _finish_means(sums, counts, fallback)
-                    sums, counts, chunk = None, None, chunk + 1
-                if sums is None:
-                    size = min(_PRODUCTS_PER_CHUNK, len(products) - chunk * _PRODUCTS_PER_CHUNK)
-                    sums, counts = np.zeros((size, outputs.shape[1])), np.zeros(size, dtype=np.int64)
-                rows = (chunk_of_picture[positions] == part) & used
-                np.add.at(sums, owner[positions[rows]], outputs[rows])
-                counts += np.bincount(owner[positions[rows]], minlength=len(counts))
-        if sums is not None:
-            yield chunk * _PRODUCTS_PER_CHUNK, _finish_means(sums, counts, fallback)
+        outputs = ((positions, out, used) for positions, out, used, _ in batches)
+        return pool_products(outputs, owner, how=self.pooling, fallback=fallback, fallback_name=fallback_name)
 
     def _training_transform(self):
         if callable(self.augment):
             return self.augment
         if self.augment:
-            from ._training import training_transform
+            from ._finetune_parts import training_transform
 
             return training_transform(self.preprocessing_)
         return self.preprocessing_.transform()
 
     # -- the network ------------------------------------------------------------------
     def _build_network(self, initial: bool) -> None:
-        """Build the network on the device: ``initial`` weights (pretrained, from ``weights`` or seeded), or seeded
-        ones that a saved state (a pickle's or a checkpoint's) replaces."""
+        """Build the network: ``initial`` weights (pretrained, from ``weights`` or seeded), or seeded ones that a
+        saved state (a pickle's or a checkpoint's) replaces."""
         import torch
 
-        from ._training import ClassifierNetwork
+        from ._finetune_parts import ClassifierNetwork
+        from .image_pipeline.data import feature_size
 
         weights = None if self.weights is None or not initial else os.fspath(self.weights)
         backbone = build_backbone(
@@ -680,9 +602,7 @@ class FineTuneClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin, Trans
             image_size=self.image_size, seed=self.random_state,
         )
         if not hasattr(self, "n_features_out_") or self._network_state is None:
-            size = self.preprocessing_.image_size
-            with torch.inference_mode():
-                self.n_features_out_ = int(backbone(torch.zeros(1, 3, size, size)).shape[1])
+            self.n_features_out_ = feature_size(backbone, self.preprocessing_.image_size)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.random_state)
             network = ClassifierNetwork(
@@ -691,88 +611,68 @@ class FineTuneClassifier(ClassNamePrefixFeaturesOutMixin, ClassifierMixin, Trans
         if self._network_state is not None:
             network.load_state_dict(self._network_state)
             self._network_state = None
-        self._network = network.to(torch.device(self.device_), memory_format=torch.channels_last)
+        self._network, self._network_device = network, None
 
-    def _model(self):
-        if getattr(self, "_network", None) is None:
-            self._build_network(initial=False)  # a restored model: the weights come from its state
-        return self._network
-
-    def _rng_devices(self) -> list:
+    def _model(self, device=None):
+        """The network on ``device`` (by default the call's; built from its saved state on first use after loading)."""
         import torch
 
-        return list(range(torch.cuda.device_count())) if self.device_.startswith("cuda") else []
+        if device is None:
+            device = self._call_device()[0]
+        if getattr(self, "_network", None) is None:
+            self._build_network(initial=False)
+        if self._network_device != device:
+            self._network = self._network.to(device, memory_format=torch.channels_last)
+            self._network_device = device
+        return self._network
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
-        tags.input_tags.two_d_array = False
-        tags.input_tags.string = True
         tags.classifier_tags.multi_class = True
-        tags.non_deterministic = False
         return tags
-
-    @property
-    def _n_features_out(self) -> int:
-        return self.n_features_out_
 
     # -- persistence ---------------------------------------------------------------------
     def __getstate__(self):
         state = super().__getstate__()
         network = state.pop("_network", None)
+        state.pop("_network_device", None)
         if network is not None:
-            from ._training import cpu_state
+            from ._checkpoints import cpu_state
 
             state["_network_state"] = cpu_state(network)
         return state
 
     def __setstate__(self, state):
-        super().__setstate__(state)
-        self._network = None
-        if hasattr(self, "device_"):
-            from ._torch_data import device_available
+        from ._compat import upgrade_finetune_state
 
-            # where it was trained: a model that once ran on a CPU goes back to its GPU on a machine that has one
-            self._trained_on = getattr(self, "_trained_on", (self.device_, self.precision_))
-            device, precision = self._trained_on
-            if device_available(device):
-                self.device_, self.precision_ = device, precision
-            else:
-                logger.info("this model was trained on %s, which this machine lacks; it runs on the CPU", device)
-                self.device_, self.precision_ = "cpu", "fp32"
+        super().__setstate__(upgrade_finetune_state(state))
+        self._network, self._network_device = None, None
 
 
-def _finish_means(sums: np.ndarray, counts: np.ndarray, fallback: np.ndarray) -> np.ndarray:
-    """Divide each product's summed outputs by its pictures; products with none get ``fallback`` (with a warning)."""
-    out = sums / np.maximum(counts, 1)[:, None]
-    empty = counts == 0
-    if empty.any():
-        out[empty] = fallback
-        logger.warning(
-            "%d products had no usable picture (for example product %d of the chunk) and got the fallback",
-            int(empty.sum()), int(np.flatnonzero(empty)[0]),
-        )
-    return out
+def _describe_epoch(record: dict) -> str:
+    return ("epoch {epoch}: train loss {train_loss:.4f}, valid loss {valid_loss:.4f}, valid accuracy "
+            "{valid_accuracy:.4f}, {images_per_second:.1f} img/s").format(**record)
 
 
-def _picture_identity(ref, stats: dict) -> bytes:
-    """What names a picture in a checkpoint's key: a file's path, size and modification time (a BSON picture's
-    offset and length too), or an in-memory picture's content hash."""
-    path = getattr(ref, "path", ref) if not isinstance(ref, (bytes, bytearray, memoryview)) else None
-    if isinstance(path, (str, os.PathLike)):
-        path = os.path.abspath(os.fspath(path))
-        if path not in stats:
-            try:
-                stat = os.stat(path)
-                stats[path] = f"{stat.st_size}:{stat.st_mtime_ns}"
-            except OSError:
-                stats[path] = "missing"  # the bad-picture policy deals with it in training
-        where = f":{ref.offset}:{ref.length}" if hasattr(ref, "offset") else ""
-        return f"{path}:{stats[path]}{where}\n".encode()
-    try:
-        return EmbeddingCache.keys_for([picture_content(ref)])[0]
-    except ImageDecodeError:
-        return f"unreadable:{describe_image_ref(ref)}".encode()
-
-
-def _tree_digest(tree: CategoryTree) -> str:
-    return hashlib.sha256(tree.to_frame().to_csv(index=False).encode()).hexdigest()
+def _stable_repr(name: str, value) -> str:
+    """A parameter as it names a checkpoint: trees by content; callables only with a stable identity."""
+    if isinstance(value, CategoryTree):
+        return hashlib.sha256(value.to_frame().to_csv(index=False).encode()).hexdigest()
+    if callable(value) and not isinstance(value, type):
+        qualname = getattr(value, "__qualname__", None)
+        if qualname is not None:  # a function: its module and name, when it can be found again
+            if "<lambda>" in qualname or "<locals>" in qualname:
+                raise ValueError(
+                    f"{name}={qualname} has no stable identity, so this fit's checkpoint could not be found again "
+                    f"after a restart: pass a module-level function or a transform object as {name}, or "
+                    "checkpoint_dir=None"
+                )
+            return f"{value.__module__}.{qualname}"
+        text = repr(value)
+        if " at 0x" in text:
+            raise ValueError(
+                f"{name}={text} has no stable identity (its repr names a memory address), so this fit's checkpoint "
+                f"could not be found again: give it a __repr__ that describes it, or pass checkpoint_dir=None"
+            )
+        return text
+    return repr(value)

@@ -224,9 +224,3 @@ class BadImagePolicy:
             from PIL import Image
 
             return Image.new("RGB", self.blank_size, _BLANK_COLOUR)
-
-    def log_summary(self) -> None:
-        """Log how many pictures failed, if any (one line, at WARNING level)."""
-        if self.n_failed:
-            done = "skipped" if self.on_error == "skip" else "replaced by blank pictures"
-            logger.warning("%d pictures could not be decoded and were %s", self.n_failed, done)

@@ -23,19 +23,18 @@ compared with papers and libraries that report them.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from skproduct.taxonomy import CategoryTree
+from .taxonomy import CategoryTree, _check_level, _show
 
 __all__ = [
     "hierarchical_f1_score",
     "hierarchical_precision_score",
     "hierarchical_recall_score",
     "level_accuracy_score",
+    "majority_level_accuracy",
     "make_hierarchical_scorer",
     "make_hierarchical_scorers",
     "top_k_accuracy_score",
@@ -43,7 +42,6 @@ __all__ = [
 
 _AVERAGES = ("micro", "macro")
 _SCORER_METRICS = ("precision", "recall", "f1", "accuracy", "top_k_accuracy")
-_NAMES_SHOWN = 5
 # rows of scores compared at once in top-k accuracy: bounds the temporary boolean arrays
 _TOP_K_CELLS_PER_CHUNK = 1 << 20
 
@@ -101,18 +99,8 @@ def _check_average(average: Any) -> None:
 
 
 def _check_tree(tree: Any) -> None:
-    from skproduct.taxonomy import CategoryTree
-
     if not isinstance(tree, CategoryTree):
         raise TypeError(f"tree must be a skproduct.CategoryTree, got {type(tree).__name__}")
-
-
-def _level(tree: CategoryTree, level: Any) -> int:
-    if isinstance(level, bool) or not isinstance(level, (int, np.integer)):
-        raise TypeError(f"level must be an int (0 for the top level), got {level!r}")
-    if not -tree.depth <= level < tree.depth:
-        raise IndexError(f"level {level} does not exist; the tree has levels 0 to {tree.depth - 1}")
-    return int(level) % tree.depth
 
 
 def _weighted_sum(values: np.ndarray, weights: np.ndarray | None) -> float:
@@ -121,12 +109,6 @@ def _weighted_sum(values: np.ndarray, weights: np.ndarray | None) -> float:
 
 def _weighted_mean(values: np.ndarray, weights: np.ndarray | None) -> float:
     return float(values.mean() if weights is None else np.dot(weights, values) / weights.sum())
-
-
-def _show(values: Sequence[Any]) -> str:
-    values = list(values)
-    shown = ", ".join(repr(v.item() if isinstance(v, np.generic) else v) for v in values[:_NAMES_SHOWN])
-    return shown + (f" and {len(values) - _NAMES_SHOWN} more" if len(values) > _NAMES_SHOWN else "")
 
 
 # -- hierarchical precision, recall, F1 ------------------------------------
@@ -160,7 +142,7 @@ def _hierarchical_prf(
 
 
 def hierarchical_precision_score(
-    y_true: Any, y_pred: Any, tree: CategoryTree, *, average: str = "micro", sample_weight: Any = None
+    y_true: Any, y_pred: Any, *, tree: CategoryTree, average: str = "micro", sample_weight: Any = None
 ) -> float:
     r"""Hierarchical precision: the share of predicted ancestors that are true ancestors.
 
@@ -221,14 +203,14 @@ def hierarchical_precision_score(
     "Pans" is another node than the true "Pans"), the third everywhere: 6 of
     9 predicted nodes are right.
 
-    >>> hierarchical_precision_score([10, 11, 20], [12, 10, 20], tree)
+    >>> hierarchical_precision_score([10, 11, 20], [12, 10, 20], tree=tree)
     0.6666666666666666
     """
     return _hierarchical_prf(y_true, y_pred, tree, average, sample_weight)[0]
 
 
 def hierarchical_recall_score(
-    y_true: Any, y_pred: Any, tree: CategoryTree, *, average: str = "micro", sample_weight: Any = None
+    y_true: Any, y_pred: Any, *, tree: CategoryTree, average: str = "micro", sample_weight: Any = None
 ) -> float:
     r"""Hierarchical recall: the share of true ancestors that the prediction recovers.
 
@@ -272,16 +254,16 @@ def hierarchical_recall_score(
     >>> from skproduct import CategoryTree
     >>> from skproduct.metrics import hierarchical_recall_score
     >>> tree = CategoryTree.from_paths([("A", "a1"), ("A", "a2"), ("B", "b1")])
-    >>> hierarchical_recall_score(["a1", "a2", "b1", "b1"], ["a2", "a2", "a1", "b1"], tree)
+    >>> hierarchical_recall_score(["a1", "a2", "b1", "b1"], ["a2", "a2", "a1", "b1"], tree=tree)
     0.625
-    >>> hierarchical_recall_score(["a1", "b1"], ["a2", "b1"], tree, sample_weight=[3, 1])
+    >>> hierarchical_recall_score(["a1", "b1"], ["a2", "b1"], tree=tree, sample_weight=[3, 1])
     0.625
     """
     return _hierarchical_prf(y_true, y_pred, tree, average, sample_weight)[1]
 
 
 def hierarchical_f1_score(
-    y_true: Any, y_pred: Any, tree: CategoryTree, *, average: str = "micro", sample_weight: Any = None
+    y_true: Any, y_pred: Any, *, tree: CategoryTree, average: str = "micro", sample_weight: Any = None
 ) -> float:
     r"""Hierarchical F1: the harmonic mean of hierarchical precision and recall.
 
@@ -326,9 +308,9 @@ def hierarchical_f1_score(
     >>> from skproduct import CategoryTree
     >>> from skproduct.metrics import hierarchical_f1_score
     >>> tree = CategoryTree.from_paths([("A", "a1"), ("A", "a2"), ("B", "b1")])
-    >>> hierarchical_f1_score(["a1", "b1"], ["a2", "b1"], tree)
+    >>> hierarchical_f1_score(["a1", "b1"], ["a2", "b1"], tree=tree)
     0.75
-    >>> hierarchical_f1_score(["a1", "b1"], ["a2", "b1"], tree, average="macro")
+    >>> hierarchical_f1_score(["a1", "b1"], ["a2", "b1"], tree=tree, average="macro")
     0.75
     """
     return _hierarchical_prf(y_true, y_pred, tree, average, sample_weight)[2]
@@ -336,7 +318,7 @@ def hierarchical_f1_score(
 
 # -- per-level accuracy ----------------------------------------------------
 def level_accuracy_score(
-    y_true: Any, y_pred: Any, tree: CategoryTree, *, level: int | None = None, sample_weight: Any = None
+    y_true: Any, y_pred: Any, *, tree: CategoryTree, level: int | None = None, sample_weight: Any = None
 ) -> np.ndarray | float:
     """Accuracy at each level of the tree: is the predicted leaf's ancestor the true one?
 
@@ -376,19 +358,74 @@ def level_accuracy_score(
     >>> from skproduct import CategoryTree
     >>> from skproduct.metrics import level_accuracy_score
     >>> tree = CategoryTree.from_paths([("A", "a1"), ("A", "a2"), ("B", "b1")])
-    >>> level_accuracy_score(["a1", "a2", "b1", "b1"], ["a2", "a2", "a1", "b1"], tree)
+    >>> level_accuracy_score(["a1", "a2", "b1", "b1"], ["a2", "a2", "a1", "b1"], tree=tree)
     array([0.75, 0.5 ])
-    >>> level_accuracy_score(["a1", "a2", "b1", "b1"], ["a2", "a2", "a1", "b1"], tree, level=0)
+    >>> level_accuracy_score(["a1", "a2", "b1", "b1"], ["a2", "a2", "a1", "b1"], tree=tree, level=0)
     0.75
     """
     _check_tree(tree)
-    index = None if level is None else _level(tree, level)
+    index = None if level is None else _check_level(level, tree.depth)
     true_codes, pred_codes = _encode_pair(y_true, y_pred, tree)
     weights = _check_weights(sample_weight, len(true_codes))
     if index is not None:
         return _weighted_mean(true_codes[:, index] == pred_codes[:, index], weights)
     agree = true_codes == pred_codes
     return agree.mean(axis=0) if weights is None else weights @ agree / weights.sum()
+
+
+def majority_level_accuracy(y_train: Any, y_test: Any, *, tree: CategoryTree) -> np.ndarray:
+    """Per level, the accuracy on ``y_test`` of always answering the most frequent node of ``y_train``.
+
+    The chance level a classifier must beat, level by level (at least as high
+    as a uniform guess whenever the training and test sets share their most
+    frequent node). Compare it with :func:`level_accuracy_score`.
+
+    Parameters
+    ----------
+    y_train : array-like of shape (n_train,)
+        Training leaf labels, all leaves of ``tree``: they decide the most
+        frequent node of each level (the first in code order on a tie).
+    y_test : array-like of shape (n_test,)
+        Test leaf labels, all leaves of ``tree``.
+    tree : CategoryTree
+        The category tree the labels belong to.
+
+    Returns
+    -------
+    numpy.ndarray of shape (tree.depth,)
+        The accuracy at each level, top level first.
+
+    Raises
+    ------
+    KeyError
+        A label is not a leaf of ``tree``; the message names it.
+    ValueError
+        ``y_train`` or ``y_test`` is empty or not 1-D.
+
+    See Also
+    --------
+    level_accuracy_score : The per-level accuracy of a classifier's predictions.
+
+    Examples
+    --------
+    >>> from skproduct import CategoryTree
+    >>> from skproduct.metrics import majority_level_accuracy
+    >>> tree = CategoryTree.from_paths([("A", "a1"), ("A", "a2"), ("B", "b1")])
+
+    The training set's most frequent node is "A" at level 0 and "a2" at level 1:
+
+    >>> majority_level_accuracy(["a1", "a2", "a2"], ["a1", "a2", "b1", "a2"], tree=tree)
+    array([0.75, 0.5 ])
+    """
+    _check_tree(tree)
+    codes = {}
+    for name, y in (("y_train", y_train), ("y_test", y_test)):
+        labels = _as_labels(y, name)
+        if len(labels) == 0:
+            raise ValueError(f"{name} is empty; the chance level needs at least one row")
+        codes[name] = _encode(tree, labels, name)
+    majority = [np.bincount(column).argmax() for column in codes["y_train"].T]
+    return (codes["y_test"] == np.array(majority)).mean(axis=0)
 
 
 # -- top-k accuracy ---------------------------------------------------------
@@ -422,9 +459,9 @@ def _top_k_hits(scores: np.ndarray, true_columns: np.ndarray, k: int, indicator:
 def top_k_accuracy_score(
     y_true: Any,
     y_score: Any,
-    classes: Any = None,
     *,
     k: int = 5,
+    labels: Any = None,
     tree: CategoryTree | None = None,
     level: int | None = None,
     sample_weight: Any = None,
@@ -443,15 +480,16 @@ def top_k_accuracy_score(
         True labels: leaf labels of ``tree`` when it is given.
     y_score : array-like of shape (n_samples, n_classes)
         Scores (with ``level``: probabilities, since they are summed), one
-        column per entry of ``classes``, for example from ``predict_proba``.
-    classes : array-like of shape (n_classes,), optional
-        The label of each column of ``y_score``, for example an estimator's
-        ``classes_``. Defaults to ``tree.leaves`` when ``tree`` is given, and
-        is required otherwise.
+        column per entry of ``labels``, for example from ``predict_proba``.
     k : int, default=5
         How many of the highest scores count as a hit.
+    labels : array-like of shape (n_classes,), optional
+        The label of each column of ``y_score``, for example an estimator's
+        ``classes_`` (as in :func:`sklearn.metrics.top_k_accuracy_score`).
+        Defaults to ``tree.leaves`` when ``tree`` is given, and is required
+        otherwise.
     tree : CategoryTree, optional
-        The category tree; ``classes`` and ``y_true`` are then its leaves.
+        The category tree; ``labels`` and ``y_true`` are then its leaves.
     level : int, optional
         With ``tree``: the level to score at (0 for the top). Defaults to the
         leaf level.
@@ -466,12 +504,12 @@ def top_k_accuracy_score(
     Raises
     ------
     KeyError
-        With ``tree``: a label in ``y_true`` or ``classes`` is not a leaf; the
+        With ``tree``: a label in ``y_true`` or ``labels`` is not a leaf; the
         message names it.
     ValueError
-        Shapes or lengths do not fit; ``classes`` is missing or repeats a
+        Shapes or lengths do not fit; ``labels`` is missing or repeats a
         label; without ``tree``, ``y_true`` holds labels that are not in
-        ``classes``.
+        ``labels``.
 
     See Also
     --------
@@ -495,7 +533,7 @@ def top_k_accuracy_score(
     >>> tree = CategoryTree.from_paths([("A", "a1"), ("A", "a2"), ("B", "b1"), ("C", "c1")])
     >>> proba = np.array([[0.25, 0.25, 0.1, 0.4],    # columns: a1, a2, b1, c1
     ...                   [0.35, 0.35, 0.0, 0.3]])
-    >>> top_k_accuracy_score(["a1", "a1"], proba, tree.leaves, k=2)
+    >>> top_k_accuracy_score(["a1", "a1"], proba, k=2, labels=tree.leaves)
     0.5
 
     The first row's "a1" misses the top 2 leaves (a tie with "a2" goes to the
@@ -521,28 +559,31 @@ def top_k_accuracy_score(
         raise ValueError("level= needs tree=: pass the CategoryTree whose level to score at")
     if tree is not None:
         _check_tree(tree)
-        index = tree.depth - 1 if level is None else _level(tree, level)
-    if classes is None:
+        index = tree.depth - 1 if level is None else _check_level(level, tree.depth)
+    if labels is None:
         if tree is None:
-            raise ValueError("pass classes= (for example estimator.classes_): the label of each column of y_score")
-        classes = tree.leaves
-    classes = _as_labels(classes, "classes")
-    if len(classes) != scores.shape[1]:
-        raise ValueError(f"classes has {len(classes)} labels but y_score has {scores.shape[1]} columns")
-    if len(np.unique(classes)) != len(classes):
-        raise ValueError("classes must not repeat a label")
+            raise ValueError("pass labels= (for example estimator.classes_): the label of each column of y_score")
+        labels = tree.leaves
+    labels = _as_labels(labels, "labels")
+    if len(labels) != scores.shape[1]:
+        raise ValueError(
+            f"labels has {len(labels)} entries but y_score has {scores.shape[1]} columns; give one label per column"
+        )
+    distinct, counts = np.unique(labels, return_counts=True)
+    if len(distinct) != len(labels):
+        raise ValueError(f"labels repeats {_show(distinct[counts > 1])}; give each column of y_score its own label")
 
     indicator = None
     if tree is None:
         import pandas as pd
 
-        true_columns = pd.Index(classes).get_indexer(y_true)
+        true_columns = pd.Index(labels).get_indexer(y_true)
         if (true_columns < 0).any():
             unknown = pd.unique(y_true[true_columns < 0])
-            raise ValueError(f"y_true holds {len(unknown)} labels that are not in classes: {_show(unknown)}")
-        n_columns = len(classes)
+            raise ValueError(f"y_true holds {len(unknown)} labels that are not in labels: {_show(unknown)}")
+        n_columns = len(labels)
     else:
-        column_codes = _encode(tree, classes, "classes")[:, index]
+        column_codes = _encode(tree, labels, "labels")[:, index]
         true_codes = _encode(tree, y_true, "y_true")[:, index]
         nodes, column_node = np.unique(column_codes, return_inverse=True)
         if len(nodes) < len(column_codes):  # several columns per node: sum them, block by block
@@ -587,17 +628,23 @@ class _TopKScorer:
     def __call__(self, estimator: Any, X: Any, y_true: Any, sample_weight: Any = None) -> float:
         proba = estimator.predict_proba(X)
         return top_k_accuracy_score(
-            y_true, proba, estimator.classes_, k=self.k, tree=self.tree, level=self.level, sample_weight=sample_weight
+            y_true,
+            proba,
+            k=self.k,
+            labels=estimator.classes_,
+            tree=self.tree,
+            level=self.level,
+            sample_weight=sample_weight,
         )
 
     def __repr__(self) -> str:
-        return f"make_hierarchical_scorer(tree, 'top_k_accuracy', k={self.k}, level={self.level})"
+        return f"make_hierarchical_scorer(tree, metric='top_k_accuracy', k={self.k}, level={self.level})"
 
 
 def make_hierarchical_scorer(
     tree: CategoryTree,
-    metric: str = "f1",
     *,
+    metric: str = "f1",
     average: str = "micro",
     level: int | None = None,
     k: int = 5,
@@ -644,7 +691,7 @@ def make_hierarchical_scorer(
     >>> y = np.tile(tree.leaves, 20)
     >>> X = rng.normal(size=(len(y), 3)) + 3 * (y[:, None] == tree.leaves)
     >>> scores = cross_val_score(LogisticRegression(), X, y, cv=3,
-    ...                          scoring=make_hierarchical_scorer(tree, "accuracy", level=0))
+    ...                          scoring=make_hierarchical_scorer(tree, metric="accuracy", level=0))
     >>> bool(scores.min() > 0.8)
     True
     """
@@ -663,7 +710,7 @@ def make_hierarchical_scorer(
             "f1": hierarchical_f1_score,
         }[metric]
         return make_scorer(score_func, tree=tree, average=average)
-    index = tree.depth - 1 if level is None else _level(tree, level)
+    index = tree.depth - 1 if level is None else _check_level(level, tree.depth)
     if metric == "accuracy":
         return make_scorer(level_accuracy_score, tree=tree, level=index)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
@@ -701,9 +748,9 @@ def make_hierarchical_scorers(tree: CategoryTree, *, top_k: int | None = None) -
     >>> sorted(make_hierarchical_scorers(tree, top_k=2))
     ['accuracy_level0', 'accuracy_level1', 'hierarchical_f1', 'top2_accuracy']
     """
-    scorers = {"hierarchical_f1": make_hierarchical_scorer(tree, "f1")}
+    scorers = {"hierarchical_f1": make_hierarchical_scorer(tree, metric="f1")}
     for level in range(tree.depth):
-        scorers[f"accuracy_level{level}"] = make_hierarchical_scorer(tree, "accuracy", level=level)
+        scorers[f"accuracy_level{level}"] = make_hierarchical_scorer(tree, metric="accuracy", level=level)
     if top_k is not None:
-        scorers[f"top{top_k}_accuracy"] = make_hierarchical_scorer(tree, "top_k_accuracy", k=top_k)
+        scorers[f"top{top_k}_accuracy"] = make_hierarchical_scorer(tree, metric="top_k_accuracy", k=top_k)
     return scorers

@@ -16,9 +16,19 @@ _NAMES_SHOWN = 5
 
 
 def _show(values: Iterable[Any]) -> str:
+    """The first few values, for an error message: ``1, 2, 3, 4, 5 and 7 more``."""
     values = list(values)
     shown = ", ".join(repr(v.item() if isinstance(v, np.generic) else v) for v in values[:_NAMES_SHOWN])
     return shown + (f" and {len(values) - _NAMES_SHOWN} more" if len(values) > _NAMES_SHOWN else "")
+
+
+def _check_level(level: Any, depth: int) -> int:
+    """The level index from 0 to ``depth - 1`` (``-1`` is the leaf level); a clear error for any other value."""
+    if isinstance(level, bool) or not isinstance(level, (int, np.integer)):
+        raise TypeError(f"level must be an int (0 for the top level), got {level!r}")
+    if not -depth <= level < depth:
+        raise IndexError(f"level {level} does not exist; the tree has levels 0 to {depth - 1}")
+    return int(level) % depth
 
 
 class CategoryTree:
@@ -30,7 +40,8 @@ class CategoryTree:
     are at the same depth. Levels are counted from 0 (the top level,
     Cdiscount's ``category_level1``) to ``depth - 1`` (the leaves).
 
-    Build one with :meth:`from_csv`, :meth:`from_frame` or :meth:`from_paths`.
+    Build one with :meth:`from_csv`, :meth:`from_frame`, :meth:`from_paths` or
+    (for labels without a hierarchy) :meth:`one_level`.
 
     Parameters
     ----------
@@ -106,7 +117,11 @@ class CategoryTree:
     # -- constructors ------------------------------------------------------
     @classmethod
     def from_frame(
-        cls, frame: pd.DataFrame, leaf_column: str = "category_id", level_columns: Sequence[str] | None = None
+        cls,
+        frame: pd.DataFrame,
+        *,
+        leaf_column: str = "category_id",
+        level_columns: Sequence[str] | None = None,
     ) -> CategoryTree:
         """Build the tree from a frame with one row per leaf.
 
@@ -143,6 +158,7 @@ class CategoryTree:
     def from_csv(
         cls,
         path: str | os.PathLike,
+        *,
         leaf_column: str = "category_id",
         level_columns: Sequence[str] | None = _CDISCOUNT_LEVELS,
         **read_csv_kwargs: Any,
@@ -176,10 +192,10 @@ class CategoryTree:
             )
         dtypes = {c: str for c in level_columns}
         frame = pd.read_csv(path, dtype=dtypes, keep_default_na=False, **read_csv_kwargs)
-        return cls.from_frame(frame, leaf_column, level_columns)
+        return cls.from_frame(frame, leaf_column=leaf_column, level_columns=level_columns)
 
     @classmethod
-    def from_paths(cls, paths: Iterable[Sequence[str]], leaves: Sequence[Any] | None = None) -> CategoryTree:
+    def from_paths(cls, paths: Iterable[Sequence[str]], *, leaves: Sequence[Any] | None = None) -> CategoryTree:
         """Build the tree from leaf paths.
 
         Parameters
@@ -205,6 +221,32 @@ class CategoryTree:
                     "pass leaves= with a unique label for each path"
                 )
         return cls(leaves, paths)
+
+    @classmethod
+    def one_level(cls, classes: Sequence[Any]) -> CategoryTree:
+        """Build the flat tree of labels without a hierarchy: one level, whose nodes are the leaves.
+
+        Each label is a leaf named ``str(label)``. Estimators that take a
+        ``tree`` build this one when they are given none.
+
+        Parameters
+        ----------
+        classes : sequence
+            The distinct labels (for example ``numpy.unique(y)``).
+
+        Returns
+        -------
+        CategoryTree
+
+        Examples
+        --------
+        >>> tree = CategoryTree.one_level([30, 10, 20])
+        >>> tree.depth, tree.leaves.tolist()
+        (1, [10, 20, 30])
+        >>> tree.path(20)
+        ('20',)
+        """
+        return cls.from_paths([(str(c),) for c in classes], leaves=classes)
 
     # -- sizes -------------------------------------------------------------
     @property
@@ -275,18 +317,18 @@ class CategoryTree:
         """
         return self._codes[self.leaf_positions(np.asarray(y).ravel())]
 
-    def level_labels(self, y: Sequence[Any], level: int) -> np.ndarray:
+    def level_labels(self, y: Sequence[Any], *, level: int) -> np.ndarray:
         """The ancestor of each leaf label at ``level``, as an array of path tuples."""
         nodes = self._nodes_array(level)
-        return nodes[self.encode(y)[:, self._check_level(level)]]
+        return nodes[self.encode(y)[:, _check_level(level, self.depth)]]
 
-    def decode(self, codes: Sequence[int], level: int | None = None) -> np.ndarray:
+    def decode(self, codes: Sequence[int], *, level: int | None = None) -> np.ndarray:
         """Turn node codes at ``level`` back into nodes.
 
         At the leaf level (the default) this gives leaf labels; at other levels,
         path tuples.
         """
-        level = self.depth - 1 if level is None else self._check_level(level)
+        level = self.depth - 1 if level is None else _check_level(level, self.depth)
         codes = np.asarray(codes, dtype=np.intp)
         size = self.level_sizes[level]
         if codes.size and (codes.min() < 0 or codes.max() >= size):
@@ -297,12 +339,12 @@ class CategoryTree:
 
     def parent_codes(self, level: int) -> np.ndarray:
         """For each node at ``level``, the code of its parent at ``level - 1`` (``-1`` at the top)."""
-        return self._parent_codes[self._check_level(level)]
+        return self._parent_codes[_check_level(level, self.depth)]
 
     # -- single nodes ------------------------------------------------------
     def nodes(self, level: int) -> list[tuple[str, ...]]:
         """The nodes at ``level``, as path tuples, in code order."""
-        return list(self._levels[self._check_level(level)])
+        return list(self._levels[_check_level(level, self.depth)])
 
     def path(self, leaf: Any) -> tuple[str, ...]:
         """The names from the top level down to ``leaf``."""
@@ -338,7 +380,7 @@ class CategoryTree:
         """The depth of a node: 1 for the top level, :attr:`depth` for a leaf."""
         return len(self._as_path(node))
 
-    def to_frame(self, leaf_column: str = "category_id", level_columns: Sequence[str] | None = None) -> pd.DataFrame:
+    def to_frame(self, *, leaf_column: str = "category_id", level_columns: Sequence[str] | None = None) -> pd.DataFrame:
         """One row per leaf: its label and its names, sorted by label."""
         if level_columns is None:
             level_columns = [f"category_level{level + 1}" for level in range(self.depth)]
@@ -347,13 +389,8 @@ class CategoryTree:
         return frame
 
     # -- helpers -----------------------------------------------------------
-    def _check_level(self, level: int) -> int:
-        if not -self.depth <= level < self.depth:
-            raise IndexError(f"level {level} does not exist; the tree has levels 0 to {self.depth - 1}")
-        return level % self.depth
-
     def _nodes_array(self, level: int) -> np.ndarray:
-        nodes = self._levels[self._check_level(level)]
+        nodes = self._levels[_check_level(level, self.depth)]
         out = np.empty(len(nodes), dtype=object)
         out[:] = nodes
         return out

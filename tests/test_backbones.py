@@ -87,7 +87,74 @@ def test_pretrained_download_offline_says_how_to_pass_weights(tmp_path):
         " image_size=None, seed=0)\n"
     )
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path))  # no weights cached from earlier runs
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=False)
     assert result.returncode != 0
     assert "pretrained weights for timm:test_resnet.r160_in1k could not be downloaded (offline?)" in result.stderr
     assert "pass weights='path/to/file'" in result.stderr
+
+
+def test_a_third_family_is_one_class_and_one_registration():
+    import torch
+
+    from skproduct.backbones import (
+        FAMILIES,
+        BackboneFamily,
+        Preprocessing,
+        family_of,
+        register_family,
+        unregister_family,
+    )
+
+    class ToyFamily(BackboneFamily):
+        prefix, syntax, distribution = "toy", "toy:<name>", "torch"
+
+        def validate(self, spec):
+            if spec.name != "identity":
+                raise ValueError(f"toy has no model {spec.name!r}")
+
+        def preprocessing(self, spec, image_size=None):
+            size = image_size or 16
+            return Preprocessing(size, size, "bilinear", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), crop_mode="squash")
+
+        def create(self, spec, *, pretrained, image_size):
+            return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+
+        def pretrained_name(self, spec):
+            return f"toy-{spec.name}-v1"
+
+    register_family(ToyFamily())
+    try:
+        spec = parse_backbone("toy:identity")
+        assert (spec.family, spec.name, spec.tag) == ("toy", "identity", None)
+        assert isinstance(family_of(spec), ToyFamily)
+        pre = resolve_preprocessing(spec, 24)
+        assert (pre.input_size, pre.crop_mode) == ((24, 24), "squash")
+        with pytest.raises(ValueError, match="toy has no model 'other'"):
+            resolve_preprocessing(parse_backbone("toy:other"))
+        assert weights_identity(spec, True, None, 0).startswith("pretrained:toy-identity-v1:torch-")
+        assert weights_identity(spec, False, None, 5).startswith("random:5:torch-")
+        first = build_backbone(spec, pretrained=False, weights=None, image_size=24, seed=3)
+        again = build_backbone(spec, pretrained=False, weights=None, image_size=24, seed=3)
+        pixels = torch.rand(2, 3, 24, 24)
+        assert not first.training and torch.equal(first(pixels), again(pixels)) and first(pixels).shape == (2, 4)
+        assert fingerprint(spec, weights_identity(spec, False, None, 0), pre, "fp32") != fingerprint(
+            parse_backbone("timm:test_resnet"), weights_identity(spec, False, None, 0), pre, "fp32")
+        with pytest.raises(ValueError, match="already registered"):
+            register_family(ToyFamily())
+        with pytest.raises(ValueError, match="cannot read the model name"):
+            parse_backbone("toy:identity/tag")  # the toy family takes no tags
+    finally:
+        unregister_family("toy")
+    assert "toy" not in FAMILIES
+    with pytest.raises(ValueError, match="unknown backbone family 'toy'"):
+        parse_backbone("toy:identity")
+    with pytest.raises(TypeError, match="not the class"):
+        register_family(ToyFamily)
+
+
+def test_pretrained_weights_need_a_tag_the_library_has():
+    with pytest.raises(ValueError, match="timm has no pretrained weights 'resnet50.no_such_tag'"):
+        weights_identity(parse_backbone("timm:resnet50.no_such_tag"), True, None, 0)
+    with pytest.raises(ValueError, match="timm has no model"):  # a typo is not reported as being offline
+        build_backbone(parse_backbone("timm:resnet_does_not_exist"), pretrained=True, weights=None,
+                       image_size=None, seed=0)

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from skproduct.exceptions import BsonFormatError, BsonTruncatedError
 from skproduct.images import load_image
-from skproduct.io import BsonImageRef, bson_sidecar, read_bson
+from skproduct.io import BsonImageRef, bson_sidecar, default_index_path, read_bson
 
 
 def _decoded(path) -> list[dict]:
@@ -250,6 +250,41 @@ def test_corrupt_sidecar_is_rebuilt(tmp_path):
     read_bson(path)
     Path(str(path) + ".skpidx").write_bytes(b"garbage")
     assert read_bson(path)["product_id"].tolist() == [1]
+
+
+def test_index_path_is_a_regular_file_or_a_link_to_one(tmp_path):
+    path = _write(tmp_path / "t.bson", [{"_id": 1, "imgs": [{"picture": b"x"}]}])
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(IsADirectoryError, match="folder is a folder, not a regular file: pass a file path"):
+        read_bson(path, index_path=tmp_path / "folder")
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(tmp_path / "pipe")
+        with pytest.raises(ValueError, match="pipe is a FIFO, not a regular file"):
+            read_bson(path, index_path=tmp_path / "pipe")
+    link = tmp_path / "link.skpidx"
+    link.symlink_to(tmp_path / "real.skpidx")
+    assert len(read_bson(path, index_path=link)) == 1
+    assert link.is_symlink() and (tmp_path / "real.skpidx").is_file()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are POSIX")
+def test_a_fifo_where_the_sidecar_goes_is_never_opened(tmp_path, monkeypatch):
+    path = _write(tmp_path / "t.bson", [{"_id": 1, "imgs": [{"picture": b"x"}]}])
+    os.mkfifo(str(path) + ".skpidx")
+    monkeypatch.setenv("SKPRODUCT_CACHE_DIR", str(tmp_path / "cache"))
+    assert len(read_bson(path)) == 1  # opening the FIFO would block
+    assert len(list((tmp_path / "cache" / "bson-index").glob("t.bson-*.skpidx"))) == 1
+
+
+def test_default_index_path_leaves_the_data_folder_alone(tmp_path, monkeypatch):
+    monkeypatch.setenv("SKPRODUCT_CACHE_DIR", str(tmp_path / "cache"))
+    path = _write(tmp_path / "t.bson", [{"_id": 1, "imgs": [{"picture": b"x"}]}])
+    where = default_index_path(path)
+    assert where.parent == tmp_path / "cache" / "bson-index"
+    read_bson(path, index_path=where)
+    assert where.is_file() and sorted(os.listdir(tmp_path)) == ["cache", "t.bson"]
+    read_bson(path, rebuild_index=True)  # read_bson's own choice: beside the file
+    assert default_index_path(path) == Path(str(path) + ".skpidx")
 
 
 # -- bad input --------------------------------------------------------------------------

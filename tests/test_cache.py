@@ -68,6 +68,20 @@ def test_leftovers_of_a_killed_write_are_ignored_and_pruned(tmp_path):
     assert not (tmp_path / "c" / "m" / ".tmp-12345.skemb").exists()
 
 
+def test_prune_removes_old_temporaries_of_atomic_writes(tmp_path):
+    cache = EmbeddingCache(tmp_path / "c")
+    keys = EmbeddingCache.keys_for([b"x"])
+    cache.put("m", keys, np.ones((1, 4), np.float32))
+    leftover = tmp_path / "c" / "m" / ".seg-1-ab.skemb.12345.0badc0de.tmp"  # atomic_write's temporary
+    leftover.write_bytes(b"SKEMB\x00\x01\x00 half a vector")
+    assert cache.get("m", keys)[1].all() and cache.stats()["items"] == 1
+    assert cache.prune(max_bytes=10**9) == 0
+    old = time.time() - 7200
+    os.utime(leftover, (old, old))
+    assert cache.prune(max_bytes=10**9) > 0 and not leftover.exists()
+    assert cache.get("m", keys)[1].all()
+
+
 def test_housekeeping_leaves_other_folders_alone(tmp_path):
     cache = EmbeddingCache(tmp_path)
     (tmp_path / "my_photos").mkdir()

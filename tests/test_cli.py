@@ -143,7 +143,7 @@ def test_a_bad_picture_stops_fit_but_never_drops_a_product_from_predict(
     submission = tmp_path / "submission.csv"
     assert main(["predict", str(cdiscount_model), str(bson_with_a_bad_picture), "--out", str(submission), "-q"]) == 0
     assert [row["_id"] for row in _read_csv(submission)][-2:] == ["9", "99"]
-    assert "no decodable picture" in capsys.readouterr().err
+    assert "no usable picture" in capsys.readouterr().err
     assert main(["predict", str(cdiscount_model), str(bson_with_a_bad_picture), "--out", str(submission), "-q",
                  "--on-error", "raise"]) == 2
     _assert_one_line_error(capsys)

@@ -21,7 +21,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from skproduct import EmbeddingCache, ImageEmbedder
-from skproduct.exceptions import ImageDecodeError
+from skproduct.exceptions import BadPictureWarning, EmptyProductWarning, ImageDecodeError
 
 TINY = dict(pretrained=False, image_size=48, batch_size=16)
 
@@ -38,15 +38,18 @@ def _unique_pictures(products: pd.DataFrame) -> int:
 
 
 def _count_extracted(monkeypatch) -> list[int]:
-    """Record how many pictures each backbone run extracts."""
+    """Record how many pictures each forward pass of a backbone takes (probes included)."""
+    import skproduct.embed as embed
+
     runs: list[int] = []
-    original = ImageEmbedder._extract
+    original = embed.build_backbone
 
-    def counting(self, refs, cache, keys):
-        runs.append(len(refs))
-        return original(self, refs, cache, keys)
+    def counting(*args, **kwargs):
+        module = original(*args, **kwargs)
+        module.register_forward_pre_hook(lambda _, inputs: runs.append(len(inputs[0])))
+        return module
 
-    monkeypatch.setattr(ImageEmbedder, "_extract", counting)
+    monkeypatch.setattr(embed, "build_backbone", counting)
     return runs
 
 
@@ -121,8 +124,8 @@ def test_grid_search_runs_the_backbone_once_per_unique_picture(cdiscount_product
 def test_fully_cached_transform_never_builds_the_model_nor_decodes(cdiscount_products, tmp_path, monkeypatch):
     products = cdiscount_products.head(10)
     first = ImageEmbedder("timm:test_resnet", cache=tmp_path / "emb", **TINY).fit_transform(products)
-    import skproduct._torch_data as torch_data
     import skproduct.embed as embed
+    import skproduct.image_pipeline.data as torch_data
 
     monkeypatch.setattr(embed, "build_backbone", lambda *a, **k: pytest.fail("the model was built"))
     monkeypatch.setattr(torch_data.BadImagePolicy, "load", lambda *a, **k: pytest.fail("a picture was decoded"))
@@ -287,14 +290,34 @@ def test_a_loaded_embedder_refitted_with_other_weights_uses_them(cdiscount_produ
 
 
 def test_an_embedder_fitted_on_a_missing_device_loads_on_the_cpu(cdiscount_products, tmp_path):
+    from skproduct.exceptions import DeviceFallbackWarning, DeviceUnavailableError
+
     products = cdiscount_products.head(4)
     embedder = ImageEmbedder("timm:test_resnet", **TINY).fit(products)
     expected = embedder.transform(products)
-    embedder.device_ = "cuda:7"  # as if fitted on a GPU machine
+    embedder.__dict__.update(device="cuda:7", device_="cuda:7")  # as if fitted with device="cuda:7" on a GPU machine
     joblib.dump(embedder, tmp_path / "e.joblib")
     loaded = joblib.load(tmp_path / "e.joblib")
-    assert loaded.device_ == "cpu"
-    np.testing.assert_array_equal(loaded.transform(products), expected)
+    with pytest.warns(DeviceFallbackWarning, match="cuda:7"):  # inherited from the file: the CPU, with a warning
+        np.testing.assert_array_equal(loaded.transform(products), expected)
+    assert loaded.device_ == "cuda:7"  # where it was fitted stays on record
+    with pytest.raises(DeviceUnavailableError, match="cuda:7"):  # asked for now: an error
+        loaded.set_params(device="cuda:7").transform(products)
+
+
+def test_the_device_is_decided_at_the_call_and_keeps_the_cache_keys(cdiscount_products, tmp_path):
+    from skproduct.exceptions import DeviceUnavailableError
+
+    products = cdiscount_products.head(4)
+    cache = EmbeddingCache(tmp_path / "emb")
+    embedder = ImageEmbedder("timm:test_resnet", cache=cache, **TINY).fit(products)
+    first = embedder.transform(products)
+    key, misses = embedder.fingerprint_, cache.stats()["misses"]
+    embedder.set_params(device="cpu")  # no refit
+    np.testing.assert_array_equal(embedder.transform(products), first)
+    assert embedder.fingerprint_ == key and cache.stats()["misses"] == misses  # every vector came from the cache
+    with pytest.raises(DeviceUnavailableError, match="is not a torch device"):
+        embedder.set_params(device="gpu").transform(products)
 
 
 # -- bad pictures ---------------------------------------------------------------------
@@ -305,7 +328,7 @@ def _jpeg(colour) -> bytes:
 
 
 @pytest.mark.parametrize("cached", [False, True])
-def test_bad_pictures_under_each_policy(tmp_path, caplog, cached):
+def test_bad_pictures_under_each_policy(tmp_path, cached):
     good, other, bad = _jpeg((200, 0, 0)), _jpeg((0, 200, 0)), b"not a picture"
     products = [[good, bad], [bad], [other]]
     options = dict(TINY, cache=tmp_path / "emb" if cached else None)
@@ -314,24 +337,22 @@ def test_bad_pictures_under_each_policy(tmp_path, caplog, cached):
         ImageEmbedder("timm:test_resnet", **options).fit_transform(products)
 
     reference = ImageEmbedder("timm:test_resnet", **options).fit_transform([[good], [other]])
-    skipped = ImageEmbedder("timm:test_resnet", on_error="skip", **options).fit_transform(products)
+    with pytest.warns(EmptyProductWarning, match="1 of 3 products had no usable picture"), \
+            pytest.warns(BadPictureWarning, match="could not be decoded and were skipped"):
+        skipped = ImageEmbedder("timm:test_resnet", on_error="skip", **options).fit_transform(products)
     np.testing.assert_allclose(skipped[0], reference[0], rtol=1e-5, atol=1e-6)
-    assert not skipped[1].any() and "had no decodable picture" in caplog.text
+    assert not skipped[1].any()
     np.testing.assert_allclose(skipped[2], reference[1], rtol=1e-5, atol=1e-6)
 
-    runs = []
-    original = ImageEmbedder._extract
-    try:
-        ImageEmbedder._extract = lambda self, refs, *a: runs.append(len(refs)) or original(self, refs, *a)
+    with pytest.MonkeyPatch.context() as patch:
+        runs = _count_extracted(patch)
         ImageEmbedder("timm:test_resnet", on_error="skip", **options).fit_transform(products)
-    finally:
-        ImageEmbedder._extract = original
     assert sum(runs) == (1 if cached else 4)  # cached: the bad picture alone is tried; never twice
 
-    blank = ImageEmbedder("timm:test_resnet", on_error="blank", **options).fit_transform(products)
+    with pytest.warns(BadPictureWarning, match="could not be decoded and were replaced by blank pictures"):
+        blank = ImageEmbedder("timm:test_resnet", on_error="blank", **options).fit_transform(products)
     black = ImageEmbedder("timm:test_resnet", **options).fit_transform([np.zeros((48, 48, 3), np.uint8)])
     np.testing.assert_allclose(blank[1], black[0], rtol=1e-5, atol=1e-5)
-    assert "could not be decoded and were replaced by blank pictures" in caplog.text
 
 
 def test_bad_input_is_explained():
@@ -394,7 +415,7 @@ def test_the_real_tags_say_pictures_not_arrays():
 def test_references_for_worker_processes_pack_into_arrays(cdiscount_products):
     import pickle
 
-    from skproduct._torch_data import CompactRefs
+    from skproduct.image_pipeline.data import CompactRefs
 
     refs = [ref for images in cdiscount_products["images"] for ref in images]
     packed = CompactRefs.pack(refs)

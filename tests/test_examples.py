@@ -6,7 +6,6 @@ import importlib.util
 from pathlib import Path
 
 import pandas as pd
-import pytest
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TINY = {"backbone": "timm:test_resnet", "pretrained": False}
@@ -27,7 +26,7 @@ def test_shopee_linear_head(shopee_sample, tmp_path):
 
 def test_ndsc_transfer_learning(shared_data):
     result = _example("ndsc_transfer_learning").main(
-        shared_data / "fashion-small", image_size=32, per_class=40, epochs=15, lr=3e-2, **TINY
+        shared_data / "fashion-small", image_size=32, per_class=40, max_iter=15, learning_rate=3e-2, **TINY
     )
     assert result["accuracy"] > 0.3  # chance is 0.2 over five article types; only a head on random frozen features
     assert 1 <= result["best_epoch"] <= len(result["history"])

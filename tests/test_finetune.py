@@ -58,7 +58,7 @@ def cdiscount(cdiscount_sample, shared_data, tmp_path_factory):
 @pytest.fixture(scope="module")
 def fitted(fashion):
     train, _ = fashion
-    model = FineTuneClassifier(**TINY, epochs=6, lr=3e-3)
+    model = FineTuneClassifier(**TINY, max_iter=6, learning_rate=3e-3)
     return model.fit(train, train["category_id"].to_numpy())
 
 
@@ -86,7 +86,7 @@ def test_same_seed_same_model_and_the_split_is_held_out(fitted, fashion):
 def test_early_stopping_restores_the_best_epoch(fashion):
     train, _ = fashion
     y = train["category_id"].to_numpy()
-    model = FineTuneClassifier(**TINY, epochs=30, lr=3e-2, n_iter_no_change=2, validation_fraction=0.2,
+    model = FineTuneClassifier(**TINY, max_iter=30, learning_rate=3e-2, n_iter_no_change=2, validation_fraction=0.2,
                                augment=False, label_smoothing=0.0)
     model.fit(train, y)
     losses = [record["valid_loss"] for record in model.history_]
@@ -100,11 +100,11 @@ def test_early_stopping_restores_the_best_epoch(fashion):
 
 
 def test_prediction_in_chunks_matches_one_pass(fitted, fashion, monkeypatch):
-    import skproduct.finetune as finetune
+    import skproduct.image_pipeline.pooling as pooling
 
     _, test = fashion
     whole, labels = fitted.predict_proba(test), fitted.predict(test)
-    monkeypatch.setattr(finetune, "_PRODUCTS_PER_CHUNK", 7)  # products straddle chunk borders
+    monkeypatch.setattr(pooling, "PRODUCTS_PER_CHUNK", 7)  # products straddle chunk borders
     np.testing.assert_allclose(fitted.predict_proba(test), whole, rtol=1e-6, atol=1e-9)
     np.testing.assert_array_equal(fitted.predict(test), labels)
     np.testing.assert_array_equal(labels, fitted.classes_[whole.argmax(axis=1)])
@@ -114,7 +114,7 @@ def test_worker_processes_train_and_predict_the_same(cdiscount):
     products, _ = cdiscount
     products = products.head(24)
     y = products["category_id"].to_numpy() % 2  # two classes
-    options = dict(TINY, epochs=2, augment=False, early_stopping=False)
+    options = dict(TINY, max_iter=2, augment=False, early_stopping=False)
     alone = FineTuneClassifier(**options).fit(products, y)
     workers = FineTuneClassifier(**options, num_workers=2).fit(products, y)
     np.testing.assert_allclose(workers.predict_proba(products), alone.predict_proba(products), rtol=1e-5, atol=1e-6)
@@ -122,7 +122,7 @@ def test_worker_processes_train_and_predict_the_same(cdiscount):
 
 def test_multi_picture_products_average_their_pictures(cdiscount):
     products, tree = cdiscount
-    model = FineTuneClassifier(**TINY, epochs=1, tree=tree, early_stopping=False)
+    model = FineTuneClassifier(**TINY, max_iter=1, tree=tree, early_stopping=False)
     model.fit(products, products["category_id"].to_numpy())
     several = products[products["n_images"] >= 3].iloc[:2]
     proba = model.predict_proba(several)
@@ -133,7 +133,7 @@ def test_multi_picture_products_average_their_pictures(cdiscount):
 
 def test_tree_predictions_are_valid_paths(cdiscount):
     products, tree = cdiscount
-    model = FineTuneClassifier(**TINY, epochs=2, tree=tree, lr=3e-3, early_stopping=False)
+    model = FineTuneClassifier(**TINY, max_iter=2, tree=tree, learning_rate=3e-3, early_stopping=False)
     model.fit(products, products["category_id"].to_numpy())
     assert [head.out_features for head in model._model().heads] == [49, 486, 5270]
     np.testing.assert_array_equal(model.classes_, tree.leaves)
@@ -153,7 +153,7 @@ def test_tree_predictions_are_valid_paths(cdiscount):
 
 def test_tree_mode_learns_the_fashion_levels(fashion, fashion_tree):
     train, test = fashion
-    model = FineTuneClassifier(**TINY, epochs=6, lr=3e-3, tree=fashion_tree)
+    model = FineTuneClassifier(**TINY, max_iter=6, learning_rate=3e-3, tree=fashion_tree)
     model.fit(train, train["category_id"].to_numpy())
     from skproduct.metrics import level_accuracy_score
 
@@ -171,26 +171,31 @@ def test_joblib_round_trip_predicts_identically(fitted, fashion, tmp_path):
 
 
 def test_a_model_trained_on_a_gpu_predicts_on_a_cpu(fitted, fashion, tmp_path):
+    from skproduct.exceptions import DeviceFallbackWarning
+
     _, test = fashion
     joblib.dump(fitted, tmp_path / "model.joblib")
     gpu_model = joblib.load(tmp_path / "model.joblib")
-    gpu_model._trained_on = ("cuda:7", "bf16")  # as if trained on a GPU machine
+    # as if trained with device="cuda:7" in fp16 on a GPU machine
+    gpu_model.__dict__.update(device="cuda:7", device_="cuda:7", precision_="fp16")
     joblib.dump(gpu_model, tmp_path / "gpu.joblib")
     loaded = joblib.load(tmp_path / "gpu.joblib")
-    assert (loaded.device_, loaded.precision_) == ("cpu", "fp32")
-    np.testing.assert_array_equal(loaded.predict(test), fitted.predict(test))
+    with pytest.warns(DeviceFallbackWarning) as caught:  # the CPU, and fp32 since a CPU has no fp16
+        np.testing.assert_array_equal(loaded.predict(test), fitted.predict(test))
+    assert {"cuda:7", "fp16"} <= {word.strip(",;()") for w in caught for word in str(w.message).split()}
     joblib.dump(loaded, tmp_path / "again.joblib")  # saved again on the CPU machine: it remembers its GPU
-    assert joblib.load(tmp_path / "again.joblib")._trained_on == ("cuda:7", "bf16")
+    again = joblib.load(tmp_path / "again.joblib")
+    assert (again.device, again.device_, again.precision_) == ("cuda:7", "cuda:7", "fp16")
 
 
 def test_grid_search_over_two_learning_rates(fashion):
     train, _ = fashion
     small = train.groupby("category_id").head(16)
     search = GridSearchCV(
-        FineTuneClassifier(**TINY, epochs=2, early_stopping=False), {"lr": [1e-4, 3e-3]}, cv=2
+        FineTuneClassifier(**TINY, max_iter=2, early_stopping=False), {"learning_rate": [1e-4, 3e-3]}, cv=2
     )
     search.fit(small, small["category_id"].to_numpy())
-    assert search.best_params_["lr"] in (1e-4, 3e-3)
+    assert search.best_params_["learning_rate"] in (1e-4, 3e-3)
     assert len(search.best_estimator_.history_) == 2
     assert not hasattr(clone(search.best_estimator_), "history_")
 
@@ -214,10 +219,10 @@ def test_head_only_training_leaves_the_backbone_untouched(fashion):
     y = small["category_id"].to_numpy()
     initial = build_backbone(parse_backbone(TINY["backbone"]), pretrained=False, weights=None, image_size=32, seed=0)
     initial = initial.state_dict()
-    head_only = FineTuneClassifier(**TINY, epochs=2, trainable="head", early_stopping=False).fit(small, y)
+    head_only = FineTuneClassifier(**TINY, max_iter=2, trainable="head", early_stopping=False).fit(small, y)
     for name, value in head_only._model().backbone.state_dict().items():  # batch-norm statistics included
         np.testing.assert_array_equal(value.numpy(), initial[name].numpy(), err_msg=name)
-    staged = FineTuneClassifier(**TINY, epochs=2, trainable="head_then_all", early_stopping=False).fit(small, y)
+    staged = FineTuneClassifier(**TINY, max_iter=2, trainable="head_then_all", early_stopping=False).fit(small, y)
     changed = [
         not np.array_equal(value.numpy(), initial[name].numpy())
         for name, value in staged._model().backbone.state_dict().items()
@@ -229,7 +234,7 @@ def test_warm_start_continues_training(fashion):
     train, _ = fashion
     small = train.groupby("category_id").head(10)
     y = small["category_id"].to_numpy()
-    model = FineTuneClassifier(**TINY, epochs=2, warm_start=True, early_stopping=False).fit(small, y)
+    model = FineTuneClassifier(**TINY, max_iter=2, warm_start=True, early_stopping=False).fit(small, y)
     model.fit(small, y)
     assert [record["epoch"] for record in model.history_] == [1, 2, 3, 4]
     with pytest.raises(ValueError, match="labels the model does not know"):
@@ -240,7 +245,7 @@ def _worsening_validation(monkeypatch):
     """Make every validation worse than the one before, whatever the network does."""
     calls = []
 
-    def validate(self, products, leaf_index):
+    def validate(self, products, leaf_index, device):
         calls.append(1)
         return float(len(calls)), 0.0
 
@@ -252,7 +257,7 @@ def test_head_then_all_always_reaches_the_unfrozen_phase(fashion, monkeypatch):
     train, _ = fashion
     small = train.groupby("category_id").head(10)
     _worsening_validation(monkeypatch)
-    model = FineTuneClassifier(**TINY, epochs=6, trainable="head_then_all", head_epochs=3, n_iter_no_change=1)
+    model = FineTuneClassifier(**TINY, max_iter=6, trainable="head_then_all", head_epochs=3, n_iter_no_change=1)
     model.fit(small, small["category_id"].to_numpy())
     assert len(model.history_) == 4  # three head epochs never stop early; the first unfrozen one runs out of patience
     assert model.best_epoch_ == 1
@@ -262,10 +267,10 @@ def test_warm_start_keeps_the_starting_model_when_it_does_not_improve(fashion, m
     train, test = fashion
     small = train.groupby("category_id").head(10)
     y = small["category_id"].to_numpy()
-    model = FineTuneClassifier(**TINY, epochs=2, warm_start=True).fit(small, y)
+    model = FineTuneClassifier(**TINY, max_iter=2, warm_start=True).fit(small, y)
     before = model.predict_proba(test)
     _worsening_validation(monkeypatch)
-    model.set_params(lr=5e-2).fit(small, y)
+    model.set_params(learning_rate=5e-2).fit(small, y)
     assert len(model.history_) == 4 and model.best_epoch_ == 2  # worse epochs 3 and 4: epoch 2's weights stay
     np.testing.assert_allclose(model.predict_proba(test), before, rtol=1e-6, atol=1e-9)
 
@@ -273,7 +278,7 @@ def test_warm_start_keeps_the_starting_model_when_it_does_not_improve(fashion, m
 def test_warm_start_checkpoints_are_named_by_their_starting_weights(fashion, tmp_path):
     train, _ = fashion
     a, b = train.groupby("category_id").head(6), train.groupby("category_id").tail(6)
-    params = dict(TINY, epochs=1, early_stopping=False, warm_start=True, checkpoint_dir=tmp_path)
+    params = dict(TINY, max_iter=1, early_stopping=False, warm_start=True, checkpoint_dir=tmp_path)
     first = FineTuneClassifier(**params).fit(a, a["category_id"].to_numpy())
     first.fit(b, b["category_id"].to_numpy())
     second = FineTuneClassifier(**params).fit(b, b["category_id"].to_numpy())
@@ -288,7 +293,7 @@ def test_a_failed_refit_does_not_look_fitted(fitted, fashion, tmp_path):
 
     train, test = fashion
     small = train.groupby("category_id").head(10)
-    model = clone(fitted).set_params(epochs=1).fit(small, small["category_id"].to_numpy())
+    model = clone(fitted).set_params(max_iter=1).fit(small, small["category_id"].to_numpy())
     torch.save({"not": torch.zeros(1)}, tmp_path / "wrong.pt")
     with pytest.raises(ValueError, match="does not fit"):
         model.set_params(weights=tmp_path / "wrong.pt").fit(small, small["category_id"].to_numpy())
@@ -299,10 +304,10 @@ def test_a_failed_refit_does_not_look_fitted(fitted, fashion, tmp_path):
 def test_resume_after_a_killed_fit(shared_data, tmp_path):
     """A fit killed after its second epoch's checkpoint resumes and ends where an uninterrupted fit ends."""
     bson = shared_data / "fashion-small" / "fashion_small.bson"
-    params = dict(TINY, epochs=4, lr=3e-3, checkpoint_dir=str(tmp_path / "checkpoints"))
+    params = dict(TINY, max_iter=4, learning_rate=3e-3, checkpoint_dir=str(tmp_path / "checkpoints"))
     script = FASHION_SLICE + textwrap.dedent(f"""
         import os, signal
-        import skproduct._training as training
+        import skproduct._checkpoints as training
         from skproduct.finetune import FineTuneClassifier
 
         saved = []
@@ -325,13 +330,13 @@ def test_resume_after_a_killed_fit(shared_data, tmp_path):
     y = products["category_id"].to_numpy()
     trained_epochs = []
     resumed = FineTuneClassifier(**params)
-    original_train_epoch = __import__("skproduct._training", fromlist=["train_epoch"]).train_epoch
+    original_train_epoch = __import__("skproduct._finetune_parts", fromlist=["train_epoch"]).train_epoch
 
     def counting(*args, **kwargs):
         trained_epochs.append(1)
         return original_train_epoch(*args, **kwargs)
 
-    import skproduct._training as training
+    import skproduct._finetune_parts as training
 
     training.train_epoch, saved_function = counting, training.train_epoch
     try:
@@ -355,12 +360,12 @@ def test_bad_pictures_follow_the_shared_policy(fashion, tmp_path):
     pictures[5] = [pictures[5][0], b"\xff\xd8 truncated"]
     y = small["category_id"].to_numpy()
     with pytest.raises(ImageDecodeError, match="not"):
-        FineTuneClassifier(**TINY, epochs=1, early_stopping=False).fit(pictures, y)
+        FineTuneClassifier(**TINY, max_iter=1, early_stopping=False).fit(pictures, y)
     for policy in ("skip", "blank"):
-        model = FineTuneClassifier(**TINY, epochs=1, early_stopping=False, on_error=policy).fit(pictures, y)
+        model = FineTuneClassifier(**TINY, max_iter=1, early_stopping=False, on_error=policy).fit(pictures, y)
         proba = model.predict_proba(pictures)
         np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-6)
-    skipping = FineTuneClassifier(**TINY, epochs=1, early_stopping=False, on_error="skip").fit(pictures, y)
+    skipping = FineTuneClassifier(**TINY, max_iter=1, early_stopping=False, on_error="skip").fit(pictures, y)
     prior = np.bincount(np.searchsorted(skipping.classes_, y), minlength=4) / len(y)
     np.testing.assert_allclose(skipping.predict_proba([[b"junk"]])[0], prior)
 
@@ -370,7 +375,7 @@ def test_class_weight_dict_weighs_the_loss(fashion):
     small = train.groupby("category_id").head(10)
     only = FASHION_LEAVES[2]
     weights = {leaf: 0.0 for leaf in FASHION_LEAVES if leaf != only}  # only one class counts in the loss
-    model = FineTuneClassifier(**TINY, epochs=3, lr=1e-2, early_stopping=False, class_weight=weights)
+    model = FineTuneClassifier(**TINY, max_iter=3, learning_rate=1e-2, early_stopping=False, class_weight=weights)
     model.fit(small, small["category_id"].to_numpy())
     assert (model.predict(test) == only).all()
 
@@ -381,7 +386,7 @@ def test_checkpoints_with_unreadable_pictures_under_skip(fashion, tmp_path):
     pictures = [[ref] for ref in small["images"].map(lambda refs: refs[0])]
     pictures[0] = [pictures[0][0], str(tmp_path / "missing.jpg")]
     y = small["category_id"].to_numpy()
-    model = FineTuneClassifier(**TINY, epochs=1, early_stopping=False, on_error="skip", checkpoint_dir=tmp_path / "c")
+    model = FineTuneClassifier(**TINY, max_iter=1, early_stopping=False, on_error="skip", checkpoint_dir=tmp_path / "c")
     model.fit(pictures, y)
     assert len(list((tmp_path / "c").glob("finetune-*.pt"))) == 1
 
@@ -403,7 +408,7 @@ def test_class_weight_balanced_and_open_clip(shopee_sample):
     frame = pd.read_csv(shopee_sample / "train.csv", dtype=str).iloc[:12]
     paths = [str(shopee_sample / "images" / c / f) for f, c in zip(frame["filename"], frame["category"])]
     model = FineTuneClassifier(
-        "open_clip:ViT-S-32", pretrained=False, image_size=64, epochs=1, batch_size=6, early_stopping=False,
+        "open_clip:ViT-S-32", pretrained=False, image_size=64, max_iter=1, batch_size=6, early_stopping=False,
         class_weight="balanced",
     )
     model.fit(paths, frame["category"])
@@ -436,7 +441,8 @@ _EXPECTED_FAILED = {
         "check_f_contiguous_array_estimator", "check_fit1d", "check_fit2d_1feature", "check_fit2d_predict1d",
         "check_fit_check_is_fitted", "check_fit_idempotent", "check_fit_score_takes_y",
         "check_methods_sample_order_invariance", "check_methods_subset_invariance", "check_n_features_in",
-        "check_n_features_in_after_fitting", "check_pipeline_consistency", "check_positive_only_tag_during_fit",
+        "check_n_features_in_after_fitting", "check_non_transformer_estimators_n_iter", "check_pipeline_consistency",
+        "check_positive_only_tag_during_fit", "check_transformer_n_iter",
         "check_readonly_memmap_input", "check_supervised_y_2d", "check_transformer_data_not_an_array",
         "check_transformer_general", "check_transformer_preserve_dtypes",
     ]
@@ -444,7 +450,7 @@ _EXPECTED_FAILED = {
 
 
 @parametrize_with_checks(
-    [_FineTunerUnderChecks("timm:test_resnet", pretrained=False, image_size=32, epochs=1)],
+    [_FineTunerUnderChecks("timm:test_resnet", pretrained=False, image_size=32, max_iter=1)],
     expected_failed_checks=lambda estimator: _EXPECTED_FAILED,
 )
 def test_sklearn_estimator_checks(estimator, check):

@@ -46,7 +46,7 @@ def test_strategies_learn_the_tree(tree, strategy):
     assert proba.shape == (300, len(tree)) and np.allclose(proba.sum(axis=1), 1)
     assert model.score(X_test, y_test) > 0.7
     top = model.predict_level(X_test, 0)
-    assert np.mean(top == tree.level_labels(y_test, 0)) > 0.9
+    assert np.mean(top == tree.level_labels(y_test, level=0)) > 0.9
     level_proba = model.predict_proba_level(X_test, 1)
     assert level_proba.shape == (300, 6) and np.allclose(level_proba.sum(axis=1), 1)
     assert set(model.predict_top_k(X_test[:5], k=3)[:, 0]) <= set(tree.leaves)
@@ -200,7 +200,9 @@ def test_per_level_results_on_real_fashion_vectors(shared_data, tmp_path):
         model = make_pipeline(StandardScaler(), HierarchicalClassifier(tree=tree, strategy=strategy))
         model.fit(X[train], y[train])
         head, features = model[-1], model[0].transform(X[test])
-        accuracy = [np.mean(head.predict_level(features, level) == tree.level_labels(y[test], level)) for level in (0, 1)]
+        accuracy = [
+            np.mean(head.predict_level(features, level) == tree.level_labels(y[test], level=level)) for level in (0, 1)
+        ]
         accuracy.append(np.mean(model.predict(X[test]) == y[test]))
         for level in range(3):
             assert accuracy[level] > majority[level] + 0.1, (strategy, level, accuracy, majority)
@@ -210,7 +212,7 @@ def test_torch_linear_head_as_the_local_estimator(tree):
     from skproduct.heads import TorchLinearClassifier
 
     X, y = _hierarchical_data(tree, 600)
-    model = HierarchicalClassifier(TorchLinearClassifier(max_epochs=30, random_state=0), tree=tree).fit(X, y)
+    model = HierarchicalClassifier(TorchLinearClassifier(max_iter=30, random_state=0), tree=tree).fit(X, y)
     assert model.score(X, y) > 0.8
     assert isinstance(model.local_estimators_[(0, -1)], TorchLinearClassifier)
     assert np.allclose(model.predict_proba(X[:7]).sum(axis=1), 1)

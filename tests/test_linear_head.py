@@ -24,7 +24,7 @@ from threadpoolctl import threadpool_limits
 from skproduct.heads.linear import TorchLinearClassifier
 
 # Scikit-learn's checks fit on tens to hundreds of rows: few epochs, a larger step.
-CHECKED = TorchLinearClassifier(max_epochs=30, learning_rate=0.05, device="cpu")
+CHECKED = TorchLinearClassifier(max_iter=30, learning_rate=0.05, device="cpu")
 
 
 def _expected_failed_checks(estimator):
@@ -68,7 +68,7 @@ def twenty_classes():
 @pytest.fixture(scope="module")
 def fitted(twenty_classes):
     X_train, _, y_train, _ = twenty_classes
-    return _fit(X_train, y_train, max_epochs=40)
+    return _fit(X_train, y_train, max_iter=40)
 
 
 def test_accuracy_close_to_logistic_regression(twenty_classes, fitted):
@@ -87,7 +87,7 @@ def test_scaling_and_offsets_of_raw_inputs_are_folded_into_coef(twenty_classes, 
     X_train, X_test, y_train, _ = twenty_classes
     scale = np.logspace(-2, 3, X_train.shape[1])
     offset = np.linspace(-50, 50, X_train.shape[1])
-    raw = _fit(X_train * scale + offset, y_train, max_epochs=40)
+    raw = _fit(X_train * scale + offset, y_train, max_iter=40)
     agreement = np.mean(raw.predict(X_test * scale + offset) == fitted.predict(X_test))
     assert agreement > 0.98
     X_raw = X_test * scale + offset
@@ -100,44 +100,45 @@ def test_balanced_class_weight_raises_minority_recall():
         n_samples=3000, n_features=10, n_informative=4, n_classes=2, weights=[0.95, 0.05],
         class_sep=0.5, flip_y=0.0, random_state=1,
     )
-    plain = _fit(X, y, max_epochs=20)
-    balanced = _fit(X, y, max_epochs=20, class_weight="balanced")
+    plain = _fit(X, y, max_iter=20)
+    balanced = _fit(X, y, max_iter=20, class_weight="balanced")
     recall_plain = recall_score(y, plain.predict(X), pos_label=1)
     recall_balanced = recall_score(y, balanced.predict(X), pos_label=1)
     assert recall_balanced > recall_plain + 0.2
     # a dict gives the same weights as "balanced" computes
     weights = dict(zip([0, 1], len(y) / (2 * np.bincount(y))))
-    as_dict = _fit(X, y, max_epochs=20, class_weight=weights)
+    as_dict = _fit(X, y, max_iter=20, class_weight=weights)
     np.testing.assert_allclose(as_dict.coef_, balanced.coef_, rtol=1e-4, atol=1e-5)
 
 
 def test_label_smoothing_makes_probabilities_less_extreme(twenty_classes, fitted):
     X_train, X_test, y_train, _ = twenty_classes
-    smoothed = _fit(X_train, y_train, max_epochs=40, label_smoothing=0.2)
+    smoothed = _fit(X_train, y_train, max_iter=40, label_smoothing=0.2)
     assert smoothed.predict_proba(X_test).max(axis=1).mean() < fitted.predict_proba(X_test).max(axis=1).mean() - 0.1
 
 
 def test_early_stopping_keeps_the_best_epoch(twenty_classes):
     X_train, _, y_train, _ = twenty_classes
-    params = {"early_stopping": True, "n_iter_no_change": 3, "learning_rate": 0.05, "max_epochs": 60}
+    params = {"early_stopping": True, "n_iter_no_change": 3, "learning_rate": 0.05, "max_iter": 60}
     stopped = _fit(X_train, y_train, **params)
-    scores = stopped.validation_scores_
-    best = int(np.argmax(scores))
-    assert len(scores) == stopped.n_iter_ == len(stopped.loss_curve_)
+    losses = stopped.validation_loss_curve_
+    best = int(np.argmin(losses))  # early stopping watches the validation loss, as FineTuneClassifier's does
+    assert stopped.best_iteration_ == best + 1
+    assert len(losses) == len(stopped.validation_scores_) == stopped.n_iter_ == len(stopped.loss_curve_)
     assert stopped.n_iter_ > best + 1, "training went on after the best epoch"
     # The same fit cut after the best epoch ends with the weights the stopped fit kept.
-    cut = _fit(X_train, y_train, **{**params, "max_epochs": best + 1})
-    assert cut.validation_scores_ == scores[: best + 1]
+    cut = _fit(X_train, y_train, **{**params, "max_iter": best + 1})
+    assert cut.validation_loss_curve_ == losses[: best + 1]
     np.testing.assert_array_equal(stopped.coef_, cut.coef_)
     np.testing.assert_array_equal(stopped.intercept_, cut.intercept_)
 
 
 def test_same_random_state_gives_identical_coefficients(twenty_classes, fitted):
     X_train, _, y_train, _ = twenty_classes
-    again = _fit(X_train, y_train, max_epochs=40)
+    again = _fit(X_train, y_train, max_iter=40)
     np.testing.assert_array_equal(again.coef_, fitted.coef_)
     np.testing.assert_array_equal(again.intercept_, fitted.intercept_)
-    other = _fit(X_train, y_train, max_epochs=40, random_state=1)
+    other = _fit(X_train, y_train, max_iter=40, random_state=1)
     assert not np.array_equal(other.coef_, fitted.coef_)
 
 
@@ -148,8 +149,8 @@ def test_zero_sample_weight_equals_removing_rows(twenty_classes):
     weight[rng.random(len(y_train)) < 0.3] = 0.0
     kept = weight > 0
     for early_stopping in (False, True):
-        weighted = _fit(X_train, y_train, max_epochs=8, sample_weight=weight, early_stopping=early_stopping)
-        removed = _fit(X_train[kept], y_train[kept], max_epochs=8, sample_weight=weight[kept],
+        weighted = _fit(X_train, y_train, max_iter=8, sample_weight=weight, early_stopping=early_stopping)
+        removed = _fit(X_train[kept], y_train[kept], max_iter=8, sample_weight=weight[kept],
                        early_stopping=early_stopping)
         np.testing.assert_array_equal(weighted.coef_, removed.coef_)
         np.testing.assert_array_equal(weighted.intercept_, removed.intercept_)
@@ -157,8 +158,8 @@ def test_zero_sample_weight_equals_removing_rows(twenty_classes):
 
 def test_sample_weight_scale_does_not_matter(twenty_classes):
     X_train, _, y_train, _ = twenty_classes
-    ones = _fit(X_train, y_train, max_epochs=5, sample_weight=np.ones(len(y_train)))
-    tens = _fit(X_train, y_train, max_epochs=5, sample_weight=np.full(len(y_train), 10.0))
+    ones = _fit(X_train, y_train, max_iter=5, sample_weight=np.ones(len(y_train)))
+    tens = _fit(X_train, y_train, max_iter=5, sample_weight=np.full(len(y_train), 10.0))
     np.testing.assert_allclose(ones.coef_, tens.coef_, rtol=1e-4, atol=1e-5)
 
 
@@ -181,7 +182,7 @@ def fitted_for_hypothesis(twenty_classes, fitted):
 def test_binary_decision_function_and_string_labels():
     X, y = make_classification(n_samples=400, n_features=6, random_state=0)
     labels = np.array(["bag", "shoe"])[y]
-    clf = _fit(X, labels, max_epochs=20)
+    clf = _fit(X, labels, max_iter=20)
     assert list(clf.classes_) == ["bag", "shoe"]
     assert clf.coef_.shape == (2, 6)
     scores = clf.decision_function(X)
@@ -269,5 +270,5 @@ def test_small_fits_restore_the_torch_thread_count():
 
     before = torch.get_num_threads()
     X, y = make_classification(n_samples=100, n_features=4, random_state=0)
-    _fit(X, y, max_epochs=2)
+    _fit(X, y, max_iter=2)
     assert torch.get_num_threads() == before

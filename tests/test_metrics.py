@@ -23,6 +23,7 @@ from skproduct.metrics import (
     hierarchical_precision_score,
     hierarchical_recall_score,
     level_accuracy_score,
+    majority_level_accuracy,
     make_hierarchical_scorer,
     make_hierarchical_scorers,
     top_k_accuracy_score,
@@ -89,7 +90,7 @@ def _near_misses(rng, tree, y_true, p_exact=0.3, p_sibling=0.3):
 @pytest.mark.parametrize("average", ["micro", "macro"])
 def test_hand_computed(small_tree, metric, average):
     # micro: 7 shared nodes of 15 on each side; macro: mean(3/3, 2/3, 1/3, 1/3, 0/3)
-    assert metric(Y_TRUE, Y_PRED, small_tree, average=average) == pytest.approx(float(Fraction(7, 15)))
+    assert metric(Y_TRUE, Y_PRED, tree=small_tree, average=average) == pytest.approx(float(Fraction(7, 15)))
 
 
 @pytest.mark.parametrize("metric", HIERARCHICAL)
@@ -98,28 +99,28 @@ def test_hand_computed_with_weights(small_tree, metric, average):
     weights = [1, 0, 2, 1, 1]
     # (1*3 + 0*2 + 2*1 + 1*1 + 1*0) / (5 * 3)
     expected = float(Fraction(6, 15))
-    assert metric(Y_TRUE, Y_PRED, small_tree, average=average, sample_weight=weights) == pytest.approx(expected)
+    assert metric(Y_TRUE, Y_PRED, tree=small_tree, average=average, sample_weight=weights) == pytest.approx(expected)
 
 
 def test_perfect_and_disjoint(small_tree):
     for metric in HIERARCHICAL:
-        assert metric([10, 20], [10, 20], small_tree) == 1.0
-        assert metric([10, 20], [21, 11], small_tree) == 0.0
-        assert metric([10, 20], [21, 11], small_tree, average="macro") == 0.0
+        assert metric([10, 20], [10, 20], tree=small_tree) == 1.0
+        assert metric([10, 20], [21, 11], tree=small_tree) == 0.0
+        assert metric([10, 20], [21, 11], tree=small_tree, average="macro") == 0.0
 
 
 def test_level_accuracy_hand_computed(small_tree):
-    accuracy = level_accuracy_score(Y_TRUE, Y_PRED, small_tree)
+    accuracy = level_accuracy_score(Y_TRUE, Y_PRED, tree=small_tree)
     np.testing.assert_allclose(accuracy, [4 / 5, 2 / 5, 1 / 5])
-    assert level_accuracy_score(Y_TRUE, Y_PRED, small_tree, level=0) == pytest.approx(4 / 5)
-    assert level_accuracy_score(Y_TRUE, Y_PRED, small_tree, level=-1) == pytest.approx(1 / 5)
-    weighted = level_accuracy_score(Y_TRUE, Y_PRED, small_tree, sample_weight=[1, 0, 2, 1, 1])
+    assert level_accuracy_score(Y_TRUE, Y_PRED, tree=small_tree, level=0) == pytest.approx(4 / 5)
+    assert level_accuracy_score(Y_TRUE, Y_PRED, tree=small_tree, level=-1) == pytest.approx(1 / 5)
+    weighted = level_accuracy_score(Y_TRUE, Y_PRED, tree=small_tree, sample_weight=[1, 0, 2, 1, 1])
     np.testing.assert_allclose(weighted, [4 / 5, 1 / 5, 1 / 5])
 
 
 def test_labels_may_be_any_array_like(small_tree):
-    expected = hierarchical_f1_score(Y_TRUE, Y_PRED, small_tree)
-    assert hierarchical_f1_score(pd.Series(Y_TRUE), np.array(Y_PRED), small_tree) == expected
+    expected = hierarchical_f1_score(Y_TRUE, Y_PRED, tree=small_tree)
+    assert hierarchical_f1_score(pd.Series(Y_TRUE), np.array(Y_PRED), tree=small_tree) == expected
     assert isinstance(expected, float)
 
 
@@ -131,43 +132,65 @@ def test_equal_depth_makes_all_hierarchical_scores_the_mean_level_accuracy(pairs
         leaves=[10, 12, 11, 20, 21],
     )
     y_true, y_pred = map(list, zip(*pairs))
-    expected = level_accuracy_score(y_true, y_pred, tree).mean()
+    expected = level_accuracy_score(y_true, y_pred, tree=tree).mean()
     for metric in HIERARCHICAL:
         for average in ("micro", "macro"):
-            assert metric(y_true, y_pred, tree, average=average) == pytest.approx(expected)
+            assert metric(y_true, y_pred, tree=tree, average=average) == pytest.approx(expected)
 
 
 # -- errors ------------------------------------------------------------------
 def test_unknown_labels_are_named(small_tree):
     with pytest.raises(KeyError, match=r"y_pred: 2 labels are not leaves of the tree: 99, 98"):
-        hierarchical_f1_score([10, 10, 11], [99, 98, 99], small_tree)
+        hierarchical_f1_score([10, 10, 11], [99, 98, 99], tree=small_tree)
     with pytest.raises(KeyError, match=r"y_true: .*'Pans'"):
-        hierarchical_precision_score(["Pans"], [10], small_tree)
+        hierarchical_precision_score(["Pans"], [10], tree=small_tree)
     with pytest.raises(KeyError, match="y_true: .*99"):
-        level_accuracy_score([99], [10], small_tree)
+        level_accuracy_score([99], [10], tree=small_tree)
 
 
 def test_bad_input(small_tree):
     with pytest.raises(ValueError, match="y_pred has 2 rows but y_true has 3"):
-        hierarchical_recall_score([10, 11, 20], [10, 11], small_tree)
+        hierarchical_recall_score([10, 11, 20], [10, 11], tree=small_tree)
     with pytest.raises(ValueError, match="average must be 'micro' or 'macro', got 'weighted'"):
-        hierarchical_f1_score(Y_TRUE, Y_PRED, small_tree, average="weighted")
+        hierarchical_f1_score(Y_TRUE, Y_PRED, tree=small_tree, average="weighted")
     with pytest.raises(ValueError, match="average must be"):
-        hierarchical_f1_score(Y_TRUE, Y_PRED, small_tree, average=None)
+        hierarchical_f1_score(Y_TRUE, Y_PRED, tree=small_tree, average=None)
     with pytest.raises(ValueError, match="1-D array of leaf labels"):
-        hierarchical_f1_score([[10, 11]], [[10, 11]], small_tree)
+        hierarchical_f1_score([[10, 11]], [[10, 11]], tree=small_tree)
     with pytest.raises(ValueError, match="empty"):
-        hierarchical_f1_score([], [], small_tree)
+        hierarchical_f1_score([], [], tree=small_tree)
     with pytest.raises(ValueError, match="sample_weight has 2 rows but y_true has 5"):
-        hierarchical_f1_score(Y_TRUE, Y_PRED, small_tree, sample_weight=[1, 2])
+        hierarchical_f1_score(Y_TRUE, Y_PRED, tree=small_tree, sample_weight=[1, 2])
     with pytest.raises(ValueError, match="non-negative"):
-        hierarchical_f1_score(Y_TRUE, Y_PRED, small_tree, sample_weight=[1, -1, 1, 1, 1])
+        hierarchical_f1_score(Y_TRUE, Y_PRED, tree=small_tree, sample_weight=[1, -1, 1, 1, 1])
     with pytest.raises(ValueError, match="sums to zero"):
-        level_accuracy_score(Y_TRUE, Y_PRED, small_tree, sample_weight=[0] * 5)
+        level_accuracy_score(Y_TRUE, Y_PRED, tree=small_tree, sample_weight=[0] * 5)
     with pytest.raises(TypeError, match="CategoryTree"):
-        hierarchical_f1_score(Y_TRUE, Y_PRED, {"tree": 1})
+        hierarchical_f1_score(Y_TRUE, Y_PRED, tree={"tree": 1})
     with pytest.raises(IndexError, match="levels 0 to 2"):
-        level_accuracy_score(Y_TRUE, Y_PRED, small_tree, level=3)
+        level_accuracy_score(Y_TRUE, Y_PRED, tree=small_tree, level=3)
+
+
+def test_options_are_keywords(small_tree):
+    with pytest.raises(TypeError):
+        hierarchical_f1_score(Y_TRUE, Y_PRED, small_tree)
+    with pytest.raises(TypeError):
+        top_k_accuracy_score([10, 11], np.full((2, 5), 0.2), small_tree.leaves)
+    with pytest.raises(TypeError):
+        make_hierarchical_scorer(small_tree, "f1")
+
+
+def test_majority_level_accuracy(small_tree):
+    # in training, the most frequent nodes are Home, Home/Kitchen and leaf 10 (tied with 20, first in code order)
+    chance = majority_level_accuracy([10, 10, 12, 20, 20], Y_TRUE, tree=small_tree)
+    expected = level_accuracy_score(Y_TRUE, [10] * len(Y_TRUE), tree=small_tree)
+    np.testing.assert_allclose(chance, expected)
+    with pytest.raises(KeyError, match="y_train: .*99"):
+        majority_level_accuracy([99], Y_TRUE, tree=small_tree)
+    with pytest.raises(ValueError, match="y_test is empty"):
+        majority_level_accuracy([10], [], tree=small_tree)
+    with pytest.raises(TypeError, match="CategoryTree"):
+        majority_level_accuracy([10], [10], tree=None)
 
 
 # -- against hiclass -----------------------------------------------------------
@@ -182,7 +205,7 @@ def test_agrees_with_hiclass_on_a_random_tree(seed):
         warnings.simplefilter("ignore", UndefinedMetricWarning)  # hiclass warns for each row with an empty F1
         for ours, theirs in HICLASS.items():
             for average in ("micro", "macro"):
-                assert ours(y_true, y_pred, tree, average=average) == pytest.approx(
+                assert ours(y_true, y_pred, tree=tree, average=average) == pytest.approx(
                     theirs(true_levels, pred_levels, average=average)
                 ), (ours.__name__, average)
 
@@ -197,7 +220,7 @@ def test_agrees_with_hiclass_on_fully_random_predictions():
         for ours, theirs in HICLASS.items():
             for average in ("micro", "macro"):
                 expected = theirs(true_levels, pred_levels, average=average)
-                assert ours(y_true, y_pred, tree, average=average) == pytest.approx(expected)
+                assert ours(y_true, y_pred, tree=tree, average=average) == pytest.approx(expected)
 
 
 # -- the real Cdiscount tree -----------------------------------------------------
@@ -223,11 +246,11 @@ def test_real_tree_100k_predictions(cdiscount_tree):
     y_pred = rng.choice(cdiscount_tree.leaves, size=100_000)
     y_pred[:30_000] = y_true[:30_000]
     y_pred[30_000:60_000] = _siblings(rng, cdiscount_tree, y_true[30_000:60_000])
-    accuracy = level_accuracy_score(y_true, y_pred, cdiscount_tree)
+    accuracy = level_accuracy_score(y_true, y_pred, tree=cdiscount_tree)
     reference = [
         np.mean(
-            pd.Series(list(cdiscount_tree.level_labels(y_true, level)))
-            == pd.Series(list(cdiscount_tree.level_labels(y_pred, level)))
+            pd.Series(list(cdiscount_tree.level_labels(y_true, level=level)))
+            == pd.Series(list(cdiscount_tree.level_labels(y_pred, level=level)))
         )
         for level in range(3)
     ]
@@ -236,7 +259,7 @@ def test_real_tree_100k_predictions(cdiscount_tree):
     assert accuracy[1] > 0.6 and accuracy[2] > 0.3
     for metric in HIERARCHICAL:
         for average in ("micro", "macro"):
-            assert metric(y_true, y_pred, cdiscount_tree, average=average) == pytest.approx(accuracy.mean())
+            assert metric(y_true, y_pred, tree=cdiscount_tree, average=average) == pytest.approx(accuracy.mean())
 
 
 def test_real_tree_agrees_with_hiclass(cdiscount_tree):
@@ -253,7 +276,7 @@ def test_real_tree_agrees_with_hiclass(cdiscount_tree):
         for ours, theirs in HICLASS.items():
             for average in ("micro", "macro"):
                 expected = theirs(true_levels, pred_levels, average=average)
-                assert ours(y_true, y_pred, cdiscount_tree, average=average) == pytest.approx(expected)
+                assert ours(y_true, y_pred, tree=cdiscount_tree, average=average) == pytest.approx(expected)
 
 
 def test_real_tree_top_k_by_level(cdiscount_tree):
@@ -268,10 +291,10 @@ def test_real_tree_top_k_by_level(cdiscount_tree):
 # -- top-k accuracy ---------------------------------------------------------------
 def _reference_top_k_at_level(tree, y_true, proba, classes, level, k):
     """Sum columns per node with pandas, then ask scikit-learn."""
-    nodes = tree.level_labels(classes, level)
+    nodes = tree.level_labels(classes, level=level)
     node_names = pd.Series(["/".join(node) for node in nodes])
     summed = pd.DataFrame(proba).T.groupby(node_names.to_numpy()).sum().T
-    true_nodes = ["/".join(node) for node in tree.level_labels(y_true, level)]
+    true_nodes = ["/".join(node) for node in tree.level_labels(y_true, level=level)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UndefinedMetricWarning)
         scores = summed.to_numpy()
@@ -290,10 +313,10 @@ def test_top_k_matches_sklearn_at_the_leaves_ties_included(small_tree, k):
         warnings.simplefilter("ignore", UndefinedMetricWarning)
         expected = sklearn_top_k(y_true, proba, k=k, labels=small_tree.leaves)
         weighted = sklearn_top_k(y_true, proba, k=k, labels=small_tree.leaves, sample_weight=weights)
-        assert top_k_accuracy_score(y_true, proba, small_tree.leaves, k=k) == pytest.approx(expected)
+        assert top_k_accuracy_score(y_true, proba, labels=small_tree.leaves, k=k) == pytest.approx(expected)
         assert top_k_accuracy_score(y_true, proba, k=k, tree=small_tree) == pytest.approx(expected)
         assert top_k_accuracy_score(
-            y_true, proba, small_tree.leaves, k=k, sample_weight=weights
+            y_true, proba, labels=small_tree.leaves, k=k, sample_weight=weights
         ) == pytest.approx(weighted)
 
 
@@ -303,9 +326,10 @@ def test_top_k_follows_the_order_of_classes(small_tree):
     proba = rng.dirichlet(np.ones(5), size=200)
     order = np.array([3, 0, 4, 1, 2])
     expected = sklearn_top_k(y_true, proba, k=2, labels=small_tree.leaves)
-    assert top_k_accuracy_score(y_true, proba[:, order], small_tree.leaves[order], k=2) == pytest.approx(expected)
+    shuffled = small_tree.leaves[order]
+    assert top_k_accuracy_score(y_true, proba[:, order], labels=shuffled, k=2) == pytest.approx(expected)
     assert top_k_accuracy_score(
-        y_true, proba[:, order], small_tree.leaves[order], k=2, tree=small_tree, level=1
+        y_true, proba[:, order], labels=small_tree.leaves[order], k=2, tree=small_tree, level=1
     ) == pytest.approx(_reference_top_k_at_level(small_tree, y_true, proba, small_tree.leaves, 1, k=2))
 
 
@@ -335,33 +359,34 @@ def test_top_k_hand_computed(small_tree):
 def test_top_k_a_leaf_without_a_column_is_a_miss(small_tree):
     classes = np.array([10, 11, 20])  # the estimator never saw 12 and 21
     proba = np.array([[0.2, 0.3, 0.5], [0.2, 0.3, 0.5], [0.2, 0.3, 0.5]])
-    assert top_k_accuracy_score([12, 21, 10], proba, classes, k=2, tree=small_tree) == 0.0
+    assert top_k_accuracy_score([12, 21, 10], proba, labels=classes, k=2, tree=small_tree) == 0.0
     with pytest.warns(UndefinedMetricWarning):  # k covers every column, yet the unseen leaves still miss
-        assert top_k_accuracy_score([12, 21, 10], proba, classes, k=3, tree=small_tree) == pytest.approx(1 / 3)
+        assert top_k_accuracy_score([12, 21, 10], proba, labels=classes, k=3, tree=small_tree) == pytest.approx(1 / 3)
     # at level 0 the unseen leaf 21 still has its parent "Toys" (through 20), 12 has "Home"
-    assert top_k_accuracy_score([12, 21, 10], proba, classes, k=1, tree=small_tree, level=0) == pytest.approx(1 / 3)
+    at_top = top_k_accuracy_score([12, 21, 10], proba, labels=classes, k=1, tree=small_tree, level=0)
+    assert at_top == pytest.approx(1 / 3)
 
 
 def test_top_k_errors(small_tree):
     proba = np.full((2, 5), 0.2)
-    with pytest.raises(ValueError, match="pass classes="):
+    with pytest.raises(ValueError, match="pass labels="):
         top_k_accuracy_score([10, 11], proba)
-    with pytest.raises(ValueError, match="not in classes: 99"):
-        top_k_accuracy_score([10, 99], proba, small_tree.leaves, k=1)
+    with pytest.raises(ValueError, match="not in labels: 99"):
+        top_k_accuracy_score([10, 99], proba, labels=small_tree.leaves, k=1)
     with pytest.raises(KeyError, match="y_true: .*99"):
         top_k_accuracy_score([10, 99], proba, k=1, tree=small_tree)
-    with pytest.raises(KeyError, match="classes: .*98"):
-        top_k_accuracy_score([10, 11], proba, [10, 11, 12, 20, 98], k=1, tree=small_tree)
-    with pytest.raises(ValueError, match="classes has 4 labels but y_score has 5 columns"):
-        top_k_accuracy_score([10, 11], proba, [10, 11, 12, 20], k=1)
+    with pytest.raises(KeyError, match="labels: .*98"):
+        top_k_accuracy_score([10, 11], proba, labels=[10, 11, 12, 20, 98], k=1, tree=small_tree)
+    with pytest.raises(ValueError, match="labels has 4 entries but y_score has 5 columns"):
+        top_k_accuracy_score([10, 11], proba, labels=[10, 11, 12, 20], k=1)
     with pytest.raises(ValueError, match="repeat"):
-        top_k_accuracy_score([10, 11], proba, [10, 11, 12, 20, 20], k=1)
+        top_k_accuracy_score([10, 11], proba, labels=[10, 11, 12, 20, 20], k=1)
     with pytest.raises(ValueError, match="y_score has 2 rows but y_true has 3"):
         top_k_accuracy_score([10, 11, 12], proba, k=1, tree=small_tree)
     with pytest.raises(ValueError, match="shape"):
         top_k_accuracy_score([10, 11], proba[0], k=1, tree=small_tree)
     with pytest.raises(ValueError, match="level= needs tree="):
-        top_k_accuracy_score([10, 11], proba, small_tree.leaves, k=1, level=0)
+        top_k_accuracy_score([10, 11], proba, labels=small_tree.leaves, k=1, level=0)
     with pytest.raises(ValueError, match="k must be a positive int"):
         top_k_accuracy_score([10, 11], proba, k=0, tree=small_tree)
     with pytest.warns(UndefinedMetricWarning, match="'k' \\(2\\) greater than or equal to 'n_classes' \\(2\\)"):
@@ -395,13 +420,13 @@ def test_scorers_in_grid_search(small_tree, tiny_problem):
 
     model = search.best_estimator_
     assert scoring["hierarchical_f1"](model, X, y) == pytest.approx(
-        hierarchical_f1_score(y, model.predict(X), small_tree)
+        hierarchical_f1_score(y, model.predict(X), tree=small_tree)
     )
     assert scoring["accuracy_level1"](model, X, y) == pytest.approx(
-        level_accuracy_score(y, model.predict(X), small_tree, level=1)
+        level_accuracy_score(y, model.predict(X), tree=small_tree, level=1)
     )
     assert scoring["top2_accuracy"](model, X, y) == pytest.approx(
-        top_k_accuracy_score(y, model.predict_proba(X), model.classes_, k=2)
+        top_k_accuracy_score(y, model.predict_proba(X), labels=model.classes_, k=2)
     )
 
 
@@ -412,7 +437,7 @@ def test_scorers_in_grid_search(small_tree, tiny_problem):
 )
 def test_single_scorers_as_grid_search_scoring(small_tree, tiny_problem, metric, kwargs):
     X, y = tiny_problem
-    scorer = make_hierarchical_scorer(small_tree, metric, **kwargs)
+    scorer = make_hierarchical_scorer(small_tree, metric=metric, **kwargs)
     search = GridSearchCV(LogisticRegression(), {"C": [0.1, 1.0]}, scoring=scorer, cv=3).fit(X, y)
     assert 0 <= search.best_score_ <= 1
     restored = pickle.loads(pickle.dumps(scorer))
@@ -423,26 +448,28 @@ def test_top_k_scorer_uses_classes_and_survives_unseen_leaves(small_tree, tiny_p
     X, y = tiny_problem
     seen = y != 21
     model = LogisticRegression().fit(X[seen], y[seen])  # classes_ lack 21
-    scorer = make_hierarchical_scorer(small_tree, "top_k_accuracy", k=1)
-    expected = top_k_accuracy_score(y, model.predict_proba(X), model.classes_, k=1, tree=small_tree)
+    scorer = make_hierarchical_scorer(small_tree, metric="top_k_accuracy", k=1)
+    expected = top_k_accuracy_score(y, model.predict_proba(X), labels=model.classes_, k=1, tree=small_tree)
     assert scorer(model, X, y) == pytest.approx(expected)
     assert scorer(model, X[~seen], y[~seen]) == 0.0
-    at_top = make_hierarchical_scorer(small_tree, "top_k_accuracy", k=1, level=0)
+    at_top = make_hierarchical_scorer(small_tree, metric="top_k_accuracy", k=1, level=0)
     assert at_top(model, X[~seen], y[~seen]) == pytest.approx(
-        top_k_accuracy_score(y[~seen], model.predict_proba(X[~seen]), model.classes_, k=1, tree=small_tree, level=0)
+        top_k_accuracy_score(
+            y[~seen], model.predict_proba(X[~seen]), labels=model.classes_, k=1, tree=small_tree, level=0
+        )
     )
 
 
 def test_scorer_errors(small_tree):
     with pytest.raises(ValueError, match="metric must be one of"):
-        make_hierarchical_scorer(small_tree, "roc_auc")
+        make_hierarchical_scorer(small_tree, metric="roc_auc")
     with pytest.raises(ValueError, match="level= applies to"):
-        make_hierarchical_scorer(small_tree, "f1", level=1)
+        make_hierarchical_scorer(small_tree, metric="f1", level=1)
     with pytest.raises(ValueError, match="average must be"):
-        make_hierarchical_scorer(small_tree, "recall", average="samples")
+        make_hierarchical_scorer(small_tree, metric="recall", average="samples")
     with pytest.raises(ValueError, match="k must be a positive int"):
-        make_hierarchical_scorer(small_tree, "top_k_accuracy", k=0)
+        make_hierarchical_scorer(small_tree, metric="top_k_accuracy", k=0)
     with pytest.raises(IndexError, match="levels 0 to 2"):
-        make_hierarchical_scorer(small_tree, "accuracy", level=5)
+        make_hierarchical_scorer(small_tree, metric="accuracy", level=5)
     with pytest.raises(TypeError, match="CategoryTree"):
         make_hierarchical_scorer(None)

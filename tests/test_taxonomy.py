@@ -69,7 +69,7 @@ def test_parent_children_depth():
     assert list(tree.parent_codes(1)) == [0, 0, 1]
     assert list(tree.leaves_under(("A",))) == [5, 6]
     assert 5 in tree and 9 not in tree and "5" not in tree
-    assert tree.level_labels([7, 5], 1).tolist() == [("B", "x"), ("A", "x")]
+    assert tree.level_labels([7, 5], level=1).tolist() == [("B", "x"), ("A", "x")]
     with pytest.raises(KeyError, match="not an inner node"):
         tree.children(("C",))
     with pytest.raises(IndexError, match="levels 0 to 2"):
@@ -77,6 +77,28 @@ def test_parent_children_depth():
     with pytest.raises(IndexError, match="run from 0 to 2"):
         tree.decode([-1])
     assert not pickle.loads(pickle.dumps(tree)).leaves.flags.writeable
+
+
+def test_one_level_tree_of_flat_labels():
+    tree = CategoryTree.one_level(np.array([30, 10, 20]))
+    assert tree.depth == 1 and tree.leaves.tolist() == [10, 20, 30]
+    assert tree.nodes(0) == [("10",), ("20",), ("30",)] and tree.path(30) == ("30",)
+    assert tree == CategoryTree.from_paths([("10",), ("20",), ("30",)], leaves=[10, 20, 30])
+    assert CategoryTree.one_level(["b", "a"]).leaves.tolist() == ["a", "b"]
+    with pytest.raises(ValueError, match="duplicate leaf labels: 1"):
+        CategoryTree.one_level([1, 1])
+
+
+def test_levels_are_integers_and_options_keywords():
+    tree = CategoryTree.from_paths([("A", "a"), ("B", "b")], leaves=[1, 2])
+    assert tree.nodes(np.int64(-1)) == [("A", "a"), ("B", "b")]
+    for level in (True, 1.0, "0"):
+        with pytest.raises(TypeError, match="level must be an int"):
+            tree.nodes(level)
+    with pytest.raises(TypeError):
+        tree.level_labels([1], 0)
+    with pytest.raises(TypeError):
+        CategoryTree.from_paths([("A", "a")], [1])
 
 
 def test_unknown_labels_are_named():

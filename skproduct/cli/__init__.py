@@ -18,9 +18,10 @@ import contextlib
 import logging
 import sys
 import traceback
+import warnings
 from collections.abc import Iterator, Sequence
 
-from ..exceptions import WeightsUnavailableError
+from ..exceptions import SkproductWarning, WeightsUnavailableError
 
 __all__ = ["CommandError", "build_parser", "main"]
 
@@ -88,7 +89,18 @@ def _log_to_stderr(verbose: bool) -> Iterator[None]:
     package_logger.addHandler(handler)
     package_logger.setLevel(logging.INFO if verbose else logging.WARNING)
     try:
-        yield
+        with warnings.catch_warnings():  # skproduct's warnings, one line each, every time they happen
+            warnings.simplefilter("always", SkproductWarning)
+            shown = warnings.showwarning
+
+            def show(message, category, *args, **kwargs):
+                if issubclass(category, SkproductWarning):
+                    print(f"skproduct: warning: {message}", file=sys.stderr)
+                else:
+                    shown(message, category, *args, **kwargs)
+
+            warnings.showwarning = show
+            yield
     finally:
         package_logger.removeHandler(handler)
         package_logger.setLevel(previous)

@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -28,6 +27,8 @@ def _given(args: argparse.Namespace, *names: str) -> dict:
 
 
 def _embedder_from_args(args: argparse.Namespace, cache=None):
+    if args.device is not None:
+        _check_device(args.device)
     from ..embed import ImageEmbedder
 
     return ImageEmbedder(
@@ -63,13 +64,15 @@ def _finetune_model(args: argparse.Namespace, tree):
     if args.cache is not None:
         logger.warning("--cache is not used with --head finetune: the backbone's vectors change as it trains")
     return FineTuneClassifier(
-        args.backbone, pretrained=args.pretrained, weights=args.weights, tree=tree, epochs=args.epochs,
+        args.backbone, pretrained=args.pretrained, weights=args.weights, tree=tree, max_iter=args.max_iter,
         image_size=args.image_size, device=args.device or "auto", on_error=args.on_error,
         verbose=_progress(args), random_state=args.random_state, **_given(args, "batch_size", "num_workers"),
     )
 
 
 def _model_from_args(args: argparse.Namespace, tree):
+    if args.device is not None:
+        _check_device(args.device)
     if args.head == "finetune":
         return _finetune_model(args, tree)
     from sklearn.pipeline import Pipeline
@@ -106,27 +109,34 @@ def _load_model(path: str):
     return model
 
 
-def _picture_step(model) -> tuple[str, object]:
-    """The parameter prefix and the estimator that reads the pictures: the pipeline's ImageEmbedder, or the model."""
-    from ..embed import ImageEmbedder
+def _image_estimators(model) -> list:
+    """Every estimator in ``model`` (itself, pipeline steps, nested parameters) that runs a backbone on images."""
+    from ..image_pipeline import ImageEstimatorMixin
 
-    for name, step in getattr(model, "steps", []):
-        if isinstance(step, ImageEmbedder):
-            return f"{name}__", step
-    return "", model
+    found = [model] if isinstance(model, ImageEstimatorMixin) else []
+    found += [value for value in model.get_params(deep=True).values() if isinstance(value, ImageEstimatorMixin)]
+    return list({id(estimator): estimator for estimator in found}.values())
 
 
 def _apply_runtime_options(model, args: argparse.Namespace) -> None:
-    """Set --on-error, --device, --batch-size, --num-workers, --cache and progress bars on a loaded model."""
-    prefix, step = _picture_step(model)
+    """Set --on-error, --device, --batch-size, --num-workers, --cache and progress bars on every image estimator of
+    a loaded model; none is refitted (the device is decided at each call, and the cache keys stay)."""
+    if args.device is not None:
+        _check_device(args.device)
     wanted = {
         "on_error": args.on_error, "device": args.device, "batch_size": args.batch_size,
         "num_workers": args.num_workers, "cache": args.cache, "verbose": _progress(args),
     }
-    known = model.get_params()
-    model.set_params(**{prefix + k: v for k, v in wanted.items() if v is not None and prefix + k in known})
-    if args.device is not None and prefix:
-        step.fit()  # the embedder resolves its device (and precision) in fit; it learns nothing there
+    for estimator in _image_estimators(model):
+        known = estimator.get_params(deep=False)
+        estimator.set_params(**{k: v for k, v in wanted.items() if v is not None and k in known})
+
+
+def _check_device(device: str) -> None:
+    """A --device this machine lacks is one line before any work starts."""
+    from ..image_pipeline.device import resolve_device
+
+    resolve_device(device)
 
 
 # -- fit --------------------------------------------------------------------------------------------------------------
@@ -144,7 +154,7 @@ def run_fit(args: argparse.Namespace) -> None:
 
     import joblib
 
-    save(args.out, lambda temporary: joblib.dump(model, temporary))
+    save(args.out, lambda f: joblib.dump(model, f))
     print(
         f"fitted a {args.head} model on {len(data.ids)} products ({data.n_pictures} pictures, "
         f"{len(np.unique(data.labels))} classes) in {seconds:.1f} s; training accuracy {accuracy:.3f}"
@@ -160,7 +170,7 @@ def run_predict(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     submission = _submission(model, data, args.top_k)
     seconds = time.perf_counter() - start
-    save(args.out, lambda temporary: submission.to_csv(temporary, index=False))
+    save(args.out, lambda f: submission.to_csv(f, index=False), mode="w")
     print(f"predicted {len(submission)} products of {args.test} in {seconds:.1f} s")
     print(f"wrote {args.out} with columns {','.join(submission.columns)}")
 
@@ -209,7 +219,7 @@ def run_extract(args: argparse.Namespace) -> None:
     merged = cache.compact()  # one segment per backbone instead of one per flush: later opens read one file
     after = cache.stats()
     if args.out is not None:
-        save(args.out, lambda temporary: _save_npy(temporary, vectors))
+        save(args.out, lambda f: np.save(f, vectors))
     print(
         f"embedded {len(data.ids)} products ({data.n_pictures} pictures) with {args.backbone} in {seconds:.1f} s "
         f"({data.n_pictures / max(seconds, 1e-9):.1f} images/s): vectors of {vectors.shape[1]} features"
@@ -221,11 +231,6 @@ def run_extract(args: argparse.Namespace) -> None:
     )
     if args.out is not None:
         print(f"saved the product vectors to {args.out}")
-
-
-def _save_npy(path: str, array: np.ndarray) -> None:
-    with open(path, "wb") as f:  # a file object: np.save would add '.npy' to a temporary's name
-        np.save(f, array)
 
 
 # -- evaluate ---------------------------------------------------------------------------------------------------------
@@ -245,7 +250,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
         scores["confusion"] = args.confusion
     print_scores(scores, tree)
     if args.json is not None:
-        save(args.json, lambda temporary: Path(temporary).write_text(json.dumps(scores, indent=2) + "\n"))
+        save(args.json, lambda f: f.write(json.dumps(scores, indent=2) + "\n"), mode="w")
         print(f"wrote the scores to {args.json}")
 
 
@@ -286,8 +291,8 @@ def _scores(model, data: Data, tree, top_k: int) -> tuple[dict, np.ndarray]:
         predicted = model.predict(data.frame)
     scores["accuracy"] = float(np.mean(predicted == labels))
     if tree is not None:
-        scores["level_accuracy"] = [float(a) for a in level_accuracy_score(labels, predicted, tree)]
-        scores["hierarchical_f1"] = float(hierarchical_f1_score(labels, predicted, tree))
+        scores["level_accuracy"] = [float(a) for a in level_accuracy_score(labels, predicted, tree=tree)]
+        scores["hierarchical_f1"] = float(hierarchical_f1_score(labels, predicted, tree=tree))
     return scores, predicted
 
 

@@ -8,7 +8,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
 
@@ -53,9 +53,9 @@ def read_data(path: str, args: argparse.Namespace, *, need_labels: bool) -> Data
 
 
 def _read_bson_data(path: str, need_labels: bool) -> Data:
-    from ..io import read_bson
+    from ..io import default_index_path, read_bson
 
-    products = read_bson(path, index_path=_bson_index_path(path))
+    products = read_bson(path, index_path=default_index_path(path))
     missing = products["category_id"].isna()
     if need_labels and missing.any() and not missing.all():
         raise CommandError(
@@ -66,29 +66,6 @@ def _read_bson_data(path: str, need_labels: bool) -> Data:
     return Data(
         path, products, labels, products["product_id"].to_numpy(), BSON_COLUMNS, int(products["n_images"].sum())
     )
-
-
-def _bson_index_path(path: str | os.PathLike) -> Path:
-    """Where the command line keeps a BSON file's offset index.
-
-    An index already beside the file (made by :func:`~skproduct.io.read_bson`)
-    is used; otherwise the index goes to skproduct's cache folder
-    (``$SKPRODUCT_CACHE_DIR``), so that the command line never writes into a
-    data folder, which is often shared, and read-only for everyone but root.
-
-    Parameters
-    ----------
-    path : str or path-like
-        The BSON file.
-
-    Returns
-    -------
-    pathlib.Path
-    """
-    from ..io.bson_sidecar import sidecar_candidates
-
-    beside, in_cache = sidecar_candidates(os.fspath(path))
-    return beside if beside.is_file() else in_cache
 
 
 def _read_csv_data(path: str, images: str | None, label_column: str | None, need_labels: bool) -> Data:
@@ -134,13 +111,15 @@ def check_leaves(labels: np.ndarray, tree, what: str) -> None:
         raise CommandError(f"{what}: {exc.args[0]}; pass the category tree they come from with --categories") from exc
 
 
-def save(path: str, write: Callable[[str], None]) -> None:
-    """Write ``path`` through a temporary file in its folder, so that a crash never leaves half a file."""
+def save(path: str, write: Callable[[IO], None], mode: str = "wb") -> None:
+    """Write ``path`` atomically (:func:`~skproduct._files.atomic_write`): ``write`` gets the open temporary file.
+
+    A crash never leaves half a file, a symbolic link is followed, and a
+    folder, FIFO or device is refused before anything is written.
+    """
+    from .._files import atomic_write
+
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        write(str(temporary))
-        os.replace(temporary, target)
-    finally:
-        temporary.unlink(missing_ok=True)
+    with atomic_write(target, mode, **({"newline": ""} if "b" not in mode else {})) as f:
+        write(f)

@@ -170,8 +170,8 @@ examples:
         "(default: %(default)s)",
     )
     head.add_argument(
-        "--epochs", type=_positive_int, default=10, metavar="N",
-        help="with --head finetune: passes over TRAIN (default: %(default)s)",
+        "--max-iter", "--epochs", dest="max_iter", type=_positive_int, default=10, metavar="N",
+        help="with --head finetune: the most epochs, passes over TRAIN (default: %(default)s)",
     )
     parser.set_defaults(run=run_fit)
 

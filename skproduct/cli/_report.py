@@ -33,7 +33,7 @@ def save_confusion(path: str, labels: np.ndarray, predicted: np.ndarray, tree) -
     from sklearn.metrics import ConfusionMatrixDisplay
 
     if tree is not None:
-        labels, predicted = (np.array([" > ".join(n) for n in tree.level_labels(y, 0)]) for y in (labels, predicted))
+        labels, predicted = (np.array([" > ".join(n) for n in tree.level_labels(y, level=0)]) for y in (labels, predicted))
         title = "top-level categories"
     else:
         labels, predicted = labels.astype(str), np.asarray(predicted).astype(str)
@@ -47,4 +47,4 @@ def save_confusion(path: str, labels: np.ndarray, predicted: np.ndarray, tree) -
         include_values=len(names) <= _CONFUSION_VALUES_UP_TO, colorbar=False,
     )
     figure.axes[0].set_title(f"confusion matrix of the {title} ({len(labels)} products)")
-    save(path, lambda temporary: figure.savefig(temporary, format="png", dpi=100, bbox_inches="tight"))
+    save(path, lambda f: figure.savefig(f, format="png", dpi=100, bbox_inches="tight"))

@@ -18,7 +18,7 @@ from sklearn.utils.validation import (
     validate_data,
 )
 
-from ..taxonomy import CategoryTree
+from ..taxonomy import CategoryTree, _check_level
 
 __all__ = ["HierarchicalClassifier"]
 
@@ -79,6 +79,16 @@ class HierarchicalClassifier(ClassifierMixin, BaseEstimator):
         The fitted local classifiers: ``(level, parent code)`` for
         ``per_parent`` (parent ``-1`` is the root), ``(level, -1)`` otherwise.
         A local problem with one class holds that class's code instead.
+
+    See Also
+    --------
+    skproduct.metrics : Per-level and hierarchical scores over the tree.
+
+    Notes
+    -----
+    :meth:`score` is the leaf accuracy, the fraction of rows whose predicted
+    leaf is the true one (as for any scikit-learn classifier); the scores of
+    :mod:`skproduct.metrics` credit a prediction for each level it gets right.
 
     Examples
     --------
@@ -162,8 +172,7 @@ class HierarchicalClassifier(ClassifierMixin, BaseEstimator):
             return self.tree, y
         if y.ndim == 1:
             check_classification_targets(y)
-            classes = np.unique(y)
-            return CategoryTree.from_paths([(str(c),) for c in classes], leaves=classes), y
+            return CategoryTree.one_level(np.unique(y)), y
         if y.ndim != 2:
             raise ValueError(f"y must be 1-D leaf labels or 2-D per-level labels; got shape {y.shape}")
         leaves = np.array(y[:, -1].tolist())  # an object column of ints becomes ints again
@@ -218,24 +227,17 @@ class HierarchicalClassifier(ClassifierMixin, BaseEstimator):
         proba = self.predict_proba(X)
         return self.classes_[np.argmax(proba, axis=1)]
 
-    def score(self, X, y, sample_weight=None) -> float:
-        """Leaf accuracy: the fraction of rows whose predicted leaf is the true one.
-
-        For per-level and hierarchical scores see :mod:`skproduct.metrics`.
-        """
-        return super().score(X, y, sample_weight=sample_weight)
-
     def predict_proba_level(self, X, level: int) -> np.ndarray:
         """Probabilities of the nodes at ``level`` (columns in ``tree_.nodes(level)`` order)."""
         proba = self.predict_proba(X)
-        leaf_codes = self.tree_.encode(self.classes_)[:, self.tree_._check_level(level)]
+        leaf_codes = self.tree_.encode(self.classes_)[:, _check_level(level, self.tree_.depth)]
         out = np.zeros((len(proba), self.tree_.level_sizes[level]))
         np.add.at(out.T, leaf_codes, proba.T)
         return out
 
     def predict_level(self, X, level: int) -> np.ndarray:
         """The most probable node at ``level``: path tuples, or leaf labels at the last level."""
-        return self.tree_.decode(np.argmax(self.predict_proba_level(X, level), axis=1), level)
+        return self.tree_.decode(np.argmax(self.predict_proba_level(X, level), axis=1), level=level)
 
     def predict_top_k(self, X, k: int = 5) -> np.ndarray:
         """The ``k`` most probable leaves of each row, most probable first, shape ``(n_samples, k)``."""

@@ -13,13 +13,14 @@ import numpy as np
 from scipy.special import expit, log_expit, log_softmax, softmax
 from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import LabelEncoder
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.class_weight import compute_class_weight
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
+
+from .._training import holdout_split
 
 logger = logging.getLogger(__name__)
 
@@ -59,22 +60,25 @@ class TorchLinearClassifier(ClassifierMixin, BaseEstimator):
         ``LogisticRegression(C=C)``.
     learning_rate : float, default=1e-2
         Adam's step size. After a plateau of the training loss it is divided by 10, at most
-        twice (see ``tol``); with ``early_stopping`` it stays constant.
+        twice (see ``tol``); with ``early_stopping`` it stays constant. The name and meaning
+        :class:`~skproduct.FineTuneClassifier` uses too.
     batch_size : int, default=1024
         Rows per minibatch (capped at the number of training rows).
-    max_epochs : int, default=100
-        Most passes over the training rows.
+    max_iter : int, default=100
+        Most epochs (passes over the training rows), as scikit-learn's ``MLPClassifier`` names it.
     tol : float, default=1e-4
-        Smallest improvement that counts: of the training loss (the mean objective over an epoch)
-        or, with ``early_stopping``, of the validation score.
+        Smallest improvement that counts: a fall of the training loss (the mean objective over an
+        epoch) or, with ``early_stopping``, of the validation loss.
     n_iter_no_change : int, default=5
         Epochs without an improvement of ``tol`` that end training. Without early stopping, the
         first two such plateaus divide the learning rate by 10 and training goes on; the third
         ends it.
     early_stopping : bool, default=False
-        Hold out ``validation_fraction`` of the rows (stratified when every class can be split),
-        score the accuracy on them after each epoch, stop after ``n_iter_no_change`` epochs
-        without improvement, and keep the weights of the best epoch.
+        Hold out ``validation_fraction`` of the rows (rounded up; stratified when every class can
+        be split), compute their log loss after each epoch, stop after ``n_iter_no_change``
+        epochs without an improvement of ``tol``, and keep the weights of the epoch with the
+        lowest validation loss, as :class:`~skproduct.FineTuneClassifier` does. Off by default,
+        as in scikit-learn's SGD and MLP estimators: a convex head rarely overfits.
     validation_fraction : float, default=0.1
         Share of the rows held out with ``early_stopping``.
     class_weight : dict, "balanced" or None, default=None
@@ -111,8 +115,13 @@ class TorchLinearClassifier(ClassifierMixin, BaseEstimator):
         Training objective (weighted cross-entropy plus penalty) averaged over each epoch.
     validation_scores_ : list of float or None
         Accuracy on the held-out rows after each epoch (weighted by the sample and class
-        weights); None without ``early_stopping``. The weights kept are those of the epoch
-        ``np.argmax(validation_scores_)``.
+        weights); None without ``early_stopping``.
+    validation_loss_curve_ : list of float or None
+        Log loss on the held-out rows after each epoch (weighted); None without
+        ``early_stopping``. The weights kept are those of the epoch
+        ``np.argmin(validation_loss_curve_)``.
+    best_iteration_ : int or None
+        The epoch (1-based) whose weights were kept with ``early_stopping``; None without.
 
     See Also
     --------
@@ -145,7 +154,7 @@ class TorchLinearClassifier(ClassifierMixin, BaseEstimator):
     array([1., 1.])
     >>> bool(clf.score(X, y) > 0.7)
     True
-    >>> clf.n_iter_ < clf.max_epochs  # stopped on a plateau of the training loss
+    >>> clf.n_iter_ < clf.max_iter  # stopped on a plateau of the training loss
     True
     """
 
@@ -153,7 +162,7 @@ class TorchLinearClassifier(ClassifierMixin, BaseEstimator):
         "alpha": [Interval(Real, 0, None, closed="left")],
         "learning_rate": [Interval(Real, 0, None, closed="neither")],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
-        "max_epochs": [Interval(Integral, 1, None, closed="left")],
+        "max_iter": [Interval(Integral, 1, None, closed="left")],
         "tol": [Interval(Real, 0, None, closed="left")],
         "n_iter_no_change": [Interval(Integral, 1, None, closed="left")],
         "early_stopping": ["boolean"],
@@ -168,9 +177,10 @@ class TorchLinearClassifier(ClassifierMixin, BaseEstimator):
     def __init__(
         self,
         alpha=1e-4,
+        *,
         learning_rate=1e-2,
         batch_size=1024,
-        max_epochs=100,
+        max_iter=100,
         tol=1e-4,
         n_iter_no_change=5,
         early_stopping=False,
@@ -184,7 +194,7 @@ class TorchLinearClassifier(ClassifierMixin, BaseEstimator):
         self.alpha = alpha
         self.learning_rate = learning_rate
         self.batch_size = batch_size
-        self.max_epochs = max_epochs
+        self.max_iter = max_iter
         self.tol = tol
         self.n_iter_no_change = n_iter_no_change
         self.early_stopping = early_stopping
@@ -246,7 +256,7 @@ class TorchLinearClassifier(ClassifierMixin, BaseEstimator):
 
         rng = check_random_state(self.random_state)
         if self.early_stopping:
-            train, val = _validation_split(y_enc, self.validation_fraction, rng)
+            train, val = holdout_split(y_enc, self.validation_fraction, rng)
         else:
             train, val = None, None  # all rows, without copying X
 
@@ -333,10 +343,6 @@ class TorchLinearClassifier(ClassifierMixin, BaseEstimator):
             return self._map_scores(X, _binary_proba, 2)
         return self._map_scores(X, _softmax_rows, len(self.classes_))
 
-    def score(self, X, y, sample_weight=None) -> float:
-        """Mean accuracy of :meth:`predict` on ``X`` against ``y``."""
-        return super().score(X, y, sample_weight=sample_weight)
-
     def predict_log_proba(self, X):
         """Logarithm of :meth:`predict_proba`, computed stably.
 
@@ -372,6 +378,11 @@ class TorchLinearClassifier(ClassifierMixin, BaseEstimator):
         X = self._validated(X)
         best = [scores.argmax(axis=1) for _, scores in self._score_blocks(X)]
         return self.classes_[np.concatenate(best)]
+
+    def __setstate__(self, state):
+        from .._compat import upgrade_torch_linear_state
+
+        super().__setstate__(upgrade_torch_linear_state(state))
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -434,36 +445,14 @@ def _weighted_standardisation(X, sample_weight, rows=None):
     return mean, scale
 
 
-def _validation_split(y, fraction, rng):
-    """Indices (train, validation), stratified when every class has at least two rows."""
-    n = len(y)
-    n_val = math.ceil(fraction * n)
-    if n < 2 or n_val >= n:
-        raise ValueError(
-            f"early_stopping needs at least one training and one validation row, but {n} rows with "
-            f"validation_fraction={fraction} leave none for one of them: use more rows or set early_stopping=False"
-        )
-    index = np.arange(n)
-    try:
-        train, val = train_test_split(index, test_size=n_val, random_state=rng, stratify=y)
-    except ValueError:  # a class with one row, or fewer validation rows than classes
-        train, val = train_test_split(index, test_size=n_val, random_state=rng)
-    return np.sort(train), np.sort(val)
-
-
 # ---------------------------------------------------------------- training (torch)
 
 
 def _train(est, *, X, train, n_classes, **data):
     """Resolve the device and run the epochs, on one CPU thread when the steps are small."""
-    from .._torch_data import resolve_device
+    from ..image_pipeline.device import resolve_device
 
-    try:
-        device = resolve_device(est.device)
-    except RuntimeError as error:
-        raise ValueError(
-            f"device={est.device!r} is not a torch device ({error}): use 'auto', 'cpu', 'cuda', 'cuda:1' or 'mps'"
-        ) from None
+    device = resolve_device(est.device)
     n_rows = X.shape[0] if train is None else len(train)
     small = device.type == "cpu" and min(est.batch_size, n_rows) * n_classes * X.shape[1] < _SMALL_STEP
     with _one_torch_thread() if small else contextlib.nullcontext():
@@ -517,6 +506,7 @@ def _train_on(device, est, *, X, y, weight, train, val, mean, scale, n_classes, 
             target.mul_(inv_scale_t)
         return out
 
+    X_val = y_val = w_val = None
     if val is not None:
         X_val = standardised(val)
         y_val = to_device(y[val], torch.int64)
@@ -524,96 +514,109 @@ def _train_on(device, est, *, X, y, weight, train, val, mean, scale, n_classes, 
 
     X_train = standardised(train)
     y_fit, w_fit = (y, weight) if train is None else (y[train], weight[train])
-    y_train = to_device(y_fit, torch.int64)
-    # Normalised so that a batch's loss is an unbiased estimate of the weighted mean over all rows.
-    w_train = to_device(w_fit / w_fit.mean(), torch.float32)
-    n_train, n_features = X_train.shape
-
     prior = np.bincount(y_fit, weights=w_fit, minlength=n_classes)
     prior = np.maximum(prior / prior.sum(), 1e-12)
-    W = torch.zeros(n_classes, n_features, dtype=torch.float32, device=device)
+    W = torch.zeros(n_classes, X_train.shape[1], dtype=torch.float32, device=device)
     b = to_device(np.log(prior) - np.log(prior).mean(), torch.float32)
-    W.grad = torch.zeros_like(W)
-    b.grad = torch.zeros_like(b)
-    optimizer = torch.optim.Adam([W, b], lr=est.learning_rate)
+    task = _LinearTask(
+        est, X_train, to_device(y_fit, torch.int64),
+        # Normalised so that a batch's loss is an unbiased estimate of the weighted mean over all rows.
+        to_device(w_fit / w_fit.mean(), torch.float32), X_val, y_val, w_val, W, b, generator=generator, wide=wide,
+    )
+    from .._training import EarlyStopping, KeepBest, Progress, Trainer
 
-    batch_size = min(est.batch_size, n_train)
-    smoothing = float(est.label_smoothing)
-    alpha = float(est.alpha)
-    loss_curve, validation_scores = [], [] if val is not None else None
-    best = -np.inf if val is not None else np.inf
-    best_weights = None
-    no_improvement = 0
-    lr_drops = 0
-    converged = False
-
-    from tqdm.auto import tqdm
-
-    epochs = tqdm(range(est.max_epochs), desc="TorchLinearClassifier", unit="epoch", disable=not est.verbose)
-    for epoch in epochs:
-        order = torch.randperm(n_train, generator=generator).to(device)
-        total = torch.zeros((), dtype=wide, device=device)
-        for start in range(0, n_train, batch_size):
-            rows = order[start : start + batch_size]
-            total += _step(X_train[rows], y_train[rows], w_train[rows], W, b, smoothing, alpha).to(wide) * len(rows)
-            optimizer.step()
-        loss = total.item() / n_train + 0.5 * alpha * float(torch.sum(W * W))
-        if not math.isfinite(loss):
-            raise ValueError(
-                f"the training loss became {loss} at epoch {epoch + 1}: the learning_rate "
-                f"{est.learning_rate} is too large for this data; lower it"
-            )
-        loss_curve.append(loss)
-
-        if val is not None:
-            score = _accuracy(X_val, y_val, w_val, W, b)
-            validation_scores.append(score)
-            improved = score > best + est.tol
-            if score > best:
-                best = score
-                best_weights = (W.detach().clone(), b.detach().clone())
-        else:
-            improved = loss < best - est.tol
-            best = min(best, loss)
-        no_improvement = 0 if improved else no_improvement + 1
-
-        if est.verbose:
-            epochs.set_postfix(loss=f"{loss:.5f}", **({"val": f"{validation_scores[-1]:.4f}"} if val is not None else {}))
-            logger.info(
-                "epoch %d: loss %.6f%s",
-                epoch + 1,
-                loss,
-                f", validation accuracy {validation_scores[-1]:.5f}" if val is not None else "",
-            )
-        if no_improvement >= est.n_iter_no_change:
-            if val is None and lr_drops < _LR_DROPS:
-                lr_drops += 1
-                no_improvement = 0
-                for group in optimizer.param_groups:
-                    group["lr"] /= 10
-                logger.info("training loss plateaued: learning rate divided by 10")
-                continue
-            converged = True
-            break
-    epochs.close()
-
-    if not converged:
+    if val is not None:
+        keep = KeepBest("valid_loss", task.weights, task.set_weights)
+        parts = [EarlyStopping("valid_loss", patience=est.n_iter_no_change, tol=est.tol), keep]
+    else:
+        keep = None
+        parts = [EarlyStopping("train_loss", patience=est.n_iter_no_change, tol=est.tol, reductions=_LR_DROPS,
+                               reduce=task.divide_learning_rate)]
+    parts.append(Progress(est.verbose, describe=_describe_epoch, label="TorchLinearClassifier"))
+    trainer = Trainer(task, parts, est.max_iter)
+    history = trainer.fit()
+    if not trainer.should_stop:
         warnings.warn(
-            f"TorchLinearClassifier: max_epochs={est.max_epochs} reached and the "
-            f"{'validation score' if val is not None else 'training loss'} still improves; "
-            "raise max_epochs (or tol)",
+            f"TorchLinearClassifier: max_iter={est.max_iter} reached and the "
+            f"{'validation loss' if val is not None else 'training loss'} still improves; "
+            "raise max_iter (or tol)",
             ConvergenceWarning,
         )
-    if best_weights is not None:
-        W, b = best_weights
-    Ws = W.detach().cpu().double().numpy()
-    bs = b.detach().cpu().double().numpy()
+    W, b = task.W, task.b
     return {
-        "weights": (Ws, bs),
-        "n_iter_": len(loss_curve),
-        "loss_curve_": loss_curve,
-        "validation_scores_": validation_scores,
+        "weights": (W.detach().cpu().double().numpy(), b.detach().cpu().double().numpy()),
+        "n_iter_": len(history),
+        "loss_curve_": [record["train_loss"] for record in history],
+        "validation_scores_": None if val is None else [record["valid_accuracy"] for record in history],
+        "validation_loss_curve_": None if val is None else [record["valid_loss"] for record in history],
+        "best_iteration_": None if keep is None else keep.best_epoch,
     }
+
+
+def _describe_epoch(record: dict) -> str:
+    text = f"epoch {record['epoch']}: loss {record['train_loss']:.6f}"
+    if "valid_loss" in record:
+        text += f", validation loss {record['valid_loss']:.5f}, accuracy {record['valid_accuracy']:.5f}"
+    return text
+
+
+class _LinearTask:
+    """The softmax head's training as the :class:`~skproduct._training.Trainer` runs it: shuffled minibatch
+    Adam steps on device tensors, the validation loss and accuracy, and its weights."""
+
+    def __init__(self, est, X, y, w, X_val, y_val, w_val, W, b, *, generator, wide):
+        import torch
+
+        self.X, self.y, self.w, self.X_val, self.y_val, self.w_val = X, y, w, X_val, y_val, w_val
+        self.W, self.b, self.generator, self.wide = W, b, generator, wide
+        self.W.grad, self.b.grad = torch.zeros_like(W), torch.zeros_like(b)
+        self.optimizer = torch.optim.Adam([W, b], lr=est.learning_rate)
+        self.batch_size = min(est.batch_size, len(X))
+        self.smoothing, self.alpha, self.learning_rate = float(est.label_smoothing), float(est.alpha), est.learning_rate
+
+    def train_epoch(self, trainer) -> dict:
+        import torch
+
+        n = len(self.X)
+        order = torch.randperm(n, generator=self.generator).to(self.X.device)
+        total = torch.zeros((), dtype=self.wide, device=self.X.device)
+        for start in range(0, n, self.batch_size):
+            rows = order[start : start + self.batch_size]
+            loss = _step(self.X[rows], self.y[rows], self.w[rows], self.W, self.b, self.smoothing, self.alpha)
+            total += loss.to(self.wide) * len(rows)
+            self.optimizer.step()
+        loss = total.item() / n + 0.5 * self.alpha * float(torch.sum(self.W * self.W))
+        if not math.isfinite(loss):
+            raise ValueError(
+                f"the training loss became {loss} at epoch {trainer.epoch + 1}: the learning_rate "
+                f"{self.learning_rate} is too large for this data; lower it"
+            )
+        return {"train_loss": loss}
+
+    def validate(self) -> dict:
+        if self.X_val is None:
+            return {}
+        loss, accuracy = _loss_and_accuracy(self.X_val, self.y_val, self.w_val, self.W, self.b)
+        return {"valid_loss": loss, "valid_accuracy": accuracy}
+
+    def weights(self) -> dict:
+        return {"W": self.W.detach().clone(), "b": self.b.detach().clone()}
+
+    def set_weights(self, weights: dict) -> None:
+        self.W, self.b = weights["W"], weights["b"]
+
+    def divide_learning_rate(self) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] /= 10
+        logger.info("training loss plateaued: learning rate divided by 10")
+
+    def state_dict(self) -> dict:
+        return {**self.weights(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.W.data.copy_(state["W"])
+        self.b.data.copy_(state["b"])
+        self.optimizer.load_state_dict(state["optimizer"])
 
 
 def _step(xb, yb, wb, W, b, smoothing, alpha):
@@ -648,13 +651,18 @@ def _step(xb, yb, wb, W, b, smoothing, alpha):
     return loss
 
 
-def _accuracy(X, y, w, W, b, block=8192):
+def _loss_and_accuracy(X, y, w, W, b, block=8192) -> tuple[float, float]:
+    """Weighted mean log loss and accuracy of the rows ``X`` (standardised, on the device)."""
     import torch
 
     with torch.no_grad():
+        loss = torch.zeros((), dtype=w.dtype, device=X.device)
         right = torch.zeros((), dtype=w.dtype, device=X.device)
         for start in range(0, X.shape[0], block):
             z = torch.addmm(b, X[start : start + block], W.T)
-            hit = z.argmax(dim=1) == y[start : start + block]
-            right += (w[start : start + block] * hit).sum()
-        return float(right / w.sum())
+            rows = slice(start, start + block)
+            picked = torch.log_softmax(z, dim=1).gather(1, y[rows, None]).squeeze(1)
+            loss -= (w[rows] * picked.to(w.dtype)).sum()
+            right += (w[rows] * (z.argmax(dim=1) == y[rows])).sum()
+        total = w.sum()
+        return float(loss / total), float(right / total)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from array import array
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -22,9 +21,7 @@ from .bson_document import (
     Malformed,
     parse_document,
 )
-
-if TYPE_CHECKING:
-    from .bson_scan import _Window
+from .bson_window import _Window
 
 
 class BadDocument(Exception):

@@ -39,7 +39,10 @@ def read_bson(
         :class:`~skproduct.exceptions.BsonTruncatedError`; with ``"warn"`` the
         whole products before the truncated tail are kept and a warning says so.
     index_path : str or path-like, optional
-        Keep the offset index in this file instead of the automatic places.
+        Keep the offset index in this file instead of the automatic places (a
+        regular file or nothing yet; a symbolic link is followed).
+        :func:`~skproduct.io.default_index_path` gives one that never writes
+        into the BSON file's folder.
     rebuild_index : bool, default=False
         Scan the file again even when a fresh index exists.
 
@@ -65,6 +68,8 @@ def read_bson(
         product's position.
     BsonTruncatedError
         The file ends inside a document and ``on_truncated="raise"``.
+    IsADirectoryError, ValueError
+        ``index_path`` is a folder, a FIFO, a socket or a device.
 
     Examples
     --------
@@ -90,7 +95,11 @@ def read_bson(
     index = load_index(path, on_truncated=on_truncated, index_path=index_path, rebuild=rebuild_index)
     category = pd.arrays.IntegerArray(index.category_id, ~index.has_category)
     images = BsonImagesArray.from_index(
-        os.path.abspath(path), index.product_id, index.img_start, index.img_offset, index.img_length
+        os.path.abspath(path),
+        product_id=index.product_id,
+        img_start=index.img_start,
+        img_offset=index.img_offset,
+        img_length=index.img_length,
     )
     return pd.DataFrame(
         {

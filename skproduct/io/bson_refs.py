@@ -95,7 +95,7 @@ class BsonImagesArray(ExtensionArray):
         self._img_length = np.asarray(img_length, dtype=np.int64)
 
     @classmethod
-    def from_index(cls, path: str, product_id, img_start, img_offset, img_length) -> BsonImagesArray:
+    def from_index(cls, path: str, *, product_id, img_start, img_offset, img_length) -> BsonImagesArray:
         """Build the column of one file from its compressed-row picture arrays."""
         n = len(img_start) - 1
         return cls((path,), np.zeros(n, np.int32), product_id, img_start[:-1], np.diff(img_start), img_offset, img_length)

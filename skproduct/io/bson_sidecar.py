@@ -5,6 +5,8 @@ folder cannot be written it goes to skproduct's cache folder instead. It records
 the size and modification time of the file it describes: a changed file makes
 it stale and it is rebuilt. Writes are atomic (temporary file, then rename), so
 a killed process never leaves a half-written sidecar behind.
+:func:`default_index_path` says where an index goes when the data folder must
+stay untouched (the command line's choice).
 """
 
 from __future__ import annotations
@@ -14,11 +16,11 @@ import json
 import logging
 import os
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from .._files import atomic_write, resolve_file_target
 from .._paths import user_cache_dir
 from .bson_scan import BsonIndex, scan_bson, truncated_error, warn_truncated
 
@@ -44,6 +46,42 @@ def sidecar_candidates(bson_path: str) -> list[Path]:
     ]
 
 
+def default_index_path(bson_path: str | os.PathLike) -> Path:
+    """Where to keep the offset index of ``bson_path`` without writing into the file's folder.
+
+    The index already beside the file (``<bson_path>.skpidx``, made by an
+    earlier :func:`~skproduct.io.read_bson`) when there is one; otherwise the
+    index in skproduct's cache folder (``$SKPRODUCT_CACHE_DIR``), one per
+    absolute path of a BSON file. Pass it as ``read_bson(path,
+    index_path=...)`` to read a file whose folder is shared or read-only (the
+    command line does).
+
+    Parameters
+    ----------
+    bson_path : str or path-like
+        The BSON file.
+
+    Returns
+    -------
+    pathlib.Path
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> from skproduct.datasets import write_synthetic_bson
+    >>> from skproduct.io import default_index_path, read_bson
+    >>> folder = tempfile.mkdtemp()
+    >>> path = write_synthetic_bson(os.path.join(folder, "train.bson"), n_products=3, random_state=0)
+    >>> default_index_path(path).parent.name  # no index yet: the cache folder
+    'bson-index'
+    >>> _ = read_bson(path)  # indexes the file beside it, its folder being writable
+    >>> default_index_path(path).name
+    'train.bson.skpidx'
+    """
+    beside, in_cache = sidecar_candidates(os.fspath(bson_path))
+    return beside if beside.is_file() else in_cache
+
+
 def _file_signature(path: str) -> dict:
     stat = os.stat(path)
     return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
@@ -66,12 +104,18 @@ def load_index(
         Passed to :func:`~skproduct.io.bson_scan.scan_bson`; also applied to a
         sidecar that recorded a truncated tail.
     index_path : str or path-like, optional
-        Read and write the sidecar here instead of the automatic places.
+        Read and write the sidecar here instead of the automatic places: a
+        regular file or nothing yet (a symbolic link is followed).
     rebuild : bool, default=False
         Ignore any existing sidecar.
+
+    Raises
+    ------
+    IsADirectoryError, ValueError
+        ``index_path`` is a folder, a FIFO, a socket or a device.
     """
     signature = _file_signature(bson_path)
-    candidates = [Path(index_path)] if index_path is not None else sidecar_candidates(bson_path)
+    candidates = [resolve_file_target(index_path)] if index_path is not None else sidecar_candidates(bson_path)
     if not rebuild:
         for candidate in candidates:
             index = _read_sidecar(candidate, signature)
@@ -101,7 +145,7 @@ def _apply_truncation_policy(bson_path: str, index: BsonIndex, on_truncated: str
 
 def _read_sidecar(candidate: Path, signature: dict) -> BsonIndex | None:
     try:
-        with open(candidate, "rb") as f:
+        with open(resolve_file_target(candidate), "rb") as f:  # never opens a FIFO, which would block
             if f.read(len(_MAGIC)) != _MAGIC:
                 raise ValueError("not an skproduct index file")
             header_length = _HEADER_LENGTH.unpack(f.read(_HEADER_LENGTH.size))[0]
@@ -152,20 +196,13 @@ def _aligned(offset: int) -> int:
 
 
 def _write_sidecar(candidate: Path, index: BsonIndex, signature: dict) -> bool:
+    """Write the sidecar atomically; ``False`` when ``candidate`` cannot take it (read-only folder, not a file)."""
     try:
         candidate.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=candidate.parent, prefix=candidate.name, suffix=".tmp")
-    except OSError as exc:
-        logger.debug("cannot write an index into %s: %s", candidate.parent, exc)
-        return False
-    try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_write(candidate, permissions=_SIDECAR_MODE) as f:
             for piece in _encode_sidecar(index, signature):
                 f.write(piece.tobytes() if isinstance(piece, np.ndarray) else piece)
-        os.chmod(tmp, _SIDECAR_MODE)
-        os.replace(tmp, candidate)
-        return True
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         logger.debug("cannot write an index to %s: %s", candidate, exc)
-        Path(tmp).unlink(missing_ok=True)
         return False
+    return True

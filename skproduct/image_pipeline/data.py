@@ -1,20 +1,22 @@
-"""torch pieces of the image estimators: the picture dataset, the inference loop, device and precision choices.
+"""Images to tensors with torch: the decoding ``Dataset``, the ordered loader, and the inference loop.
 
 Imported only when a model runs, so that ``import skproduct`` never imports torch.
 """
 
 from __future__ import annotations
 
-import logging
+import warnings
 from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .images import BadImagePolicy
+from ..exceptions import BadPictureWarning
+from ..images import BadImagePolicy
+from .device import autocast_dtype
 
-logger = logging.getLogger(__name__)
+__all__ = ["CompactRefs", "ImageDataset", "feature_size", "image_batches", "image_loader"]
 
 
 class CompactRefs:
@@ -39,7 +41,7 @@ class CompactRefs:
     def pack(cls, refs: list):
         """``refs`` packed when they are all BSON pictures (with integer product ids) or all path strings;
         else ``refs`` itself."""
-        from .io.bson_refs import BsonImageRef
+        from ..io.bson_refs import BsonImageRef
 
         if refs and all(type(r) is BsonImageRef and isinstance(r.product_id, (int, np.integer)) for r in refs):
             files = sorted({r.path for r in refs})
@@ -57,7 +59,7 @@ class CompactRefs:
 
     def __getitem__(self, i: int):
         if self.kind == "bson":
-            from .io.bson_refs import BsonImageRef
+            from ..io.bson_refs import BsonImageRef
 
             file, offset, length, product_id, index = self.columns["table"][i].tolist()
             return BsonImageRef(self.columns["files"][file], offset, length, product_id, index)
@@ -66,7 +68,7 @@ class CompactRefs:
         return self.columns["buffer"][start : int(ends[i])].tobytes().decode("utf-8", "surrogateescape")
 
 
-class PictureDataset(Dataset):
+class ImageDataset(Dataset):
     """Decode and preprocess pictures by position, applying the bad-picture policy.
 
     Picklable, so that DataLoader workers decode in parallel; with ``compact``
@@ -95,7 +97,7 @@ class PictureDataset(Dataset):
         return self.transform(image), True, decoded, i
 
 
-def picture_loader(dataset: PictureDataset, batch_size: int, num_workers: int, device: torch.device) -> DataLoader:
+def image_loader(dataset: ImageDataset, batch_size: int, num_workers: int, device: torch.device) -> DataLoader:
     """Batches of ``(pixels, used, decoded, positions)`` in order, decoded in ``num_workers`` processes."""
     return DataLoader(
         dataset,
@@ -107,9 +109,9 @@ def picture_loader(dataset: PictureDataset, batch_size: int, num_workers: int, d
     )
 
 
-def picture_batches(
+def image_batches(
     module: Callable[[torch.Tensor], torch.Tensor],
-    dataset: PictureDataset,
+    dataset: ImageDataset,
     *,
     batch_size: int,
     num_workers: int,
@@ -128,7 +130,7 @@ def picture_batches(
     n_bad = 0
     dtype = autocast_dtype(precision)
     with torch.inference_mode(), progress:
-        for pixels, batch_used, batch_decoded, positions in picture_loader(dataset, batch_size, num_workers, device):
+        for pixels, batch_used, batch_decoded, positions in image_loader(dataset, batch_size, num_workers, device):
             pixels = pixels.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 out = module(pixels)
@@ -138,63 +140,21 @@ def picture_batches(
             yield positions.numpy(), out.float().cpu().numpy() * used[:, None], used, decoded
     if n_bad:
         done = "skipped" if on_error == "skip" else "replaced by blank pictures"
-        logger.warning("%d of %d pictures could not be decoded and were %s", n_bad, len(dataset), done)
+        warnings.warn(
+            f"{n_bad} of {len(dataset)} pictures could not be decoded and were {done} (on_error={on_error!r})",
+            BadPictureWarning,
+            stacklevel=2,
+        )
 
 
-def forward_pictures(
-    module: Callable[[torch.Tensor], torch.Tensor],
-    dataset: PictureDataset,
-    width: int,
-    *,
-    on_batch: Callable[[np.ndarray, np.ndarray], None] | None = None,
-    **options,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Every picture's output, float32 ``(n, width)``, and whether it was used (:func:`picture_batches`' options).
-
-    ``on_batch(positions, outputs)`` is called after each batch with the
-    positions of the pictures that decoded and their outputs (the embedder
-    stores finished vectors there).
-    """
-    outputs = np.zeros((len(dataset), width), dtype=np.float32)
-    used = np.zeros(len(dataset), dtype=bool)
-    for positions, batch_outputs, batch_used, decoded in picture_batches(module, dataset, **options):
-        outputs[positions], used[positions] = batch_outputs, batch_used
-        if on_batch is not None:
-            on_batch(positions[decoded], batch_outputs[decoded])
-    return outputs, used
-
-
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` picks CUDA, then Apple's MPS, then the CPU."""
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(device)
-
-
-def device_available(device: str) -> bool:
-    """Whether a torch device string names a device this machine has."""
-    kind = torch.device(device)
-    if kind.type == "cuda":
-        return torch.cuda.is_available() and (kind.index or 0) < torch.cuda.device_count()
-    if kind.type == "mps":
-        return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    return kind.type == "cpu"
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``"auto"``: bf16 on CUDA devices that support it, else fp16 on CUDA, else fp32."""
-    if precision != "auto":
-        if precision != "fp32" and device.type != "cuda":
-            raise ValueError(f"precision={precision!r} needs a CUDA device; this one is {device}: use 'fp32' or 'auto'")
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
-
-
-def autocast_dtype(precision: str):
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+def feature_size(module: torch.nn.Module, image_size: int) -> int:
+    """The size of the vectors a backbone returns, read from the model (timm's ``head_hidden_size`` or
+    ``num_features``, open_clip's ``output_dim``); a one-image forward only for a module that says neither."""
+    for name in ("head_hidden_size", "num_features", "output_dim"):
+        size = getattr(module, name, None)
+        if isinstance(size, int) and size > 0:
+            return size
+    parameter = next(module.parameters(), None)
+    probe = torch.zeros(1, 3, image_size, image_size, device=None if parameter is None else parameter.device)
+    with torch.inference_mode():
+        return int(module(probe).shape[1])

@@ -1,0 +1,73 @@
+"""Files written before the redesign (skproduct at commit 2592dc6, in tests/data/format0) keep working.
+
+A saved embedder and fine-tuner load and give the numbers they gave; a cache
+filled then is read, not recomputed; a BSON sidecar written then is used, not
+rebuilt. See tests/data/format0/README.json for how the files were made.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from importlib.metadata import version
+from pathlib import Path
+
+import joblib
+import numpy as np
+import pytest
+
+FORMAT0 = Path(__file__).parent / "data" / "format0"
+RECORD = json.loads((FORMAT0 / "README.json").read_text())
+SAME_LIBRARIES = (version("torch"), version("timm")) == ("2.14.1+cu130", "1.0.31") or (
+    version("torch").split("+")[0], version("timm")) == ("2.14.1", "1.0.31")
+needs_same_libraries = pytest.mark.skipif(
+    not SAME_LIBRARIES, reason="the old files were written under torch 2.14.1 and timm 1.0.31, which fingerprints name"
+)
+
+
+@pytest.fixture
+def pictures():
+    return list(np.load(FORMAT0 / "pictures.npy"))
+
+
+@needs_same_libraries
+def test_an_old_embedder_loads_and_reads_its_old_cache_without_recomputing(pictures, tmp_path, monkeypatch):
+    import skproduct.embed as embed
+
+    shutil.copytree(FORMAT0 / "cache", tmp_path / "cache")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn about: same machine kind, same libraries
+        old = joblib.load(FORMAT0 / "embedder.joblib")
+    assert old.fingerprint_ == RECORD["fingerprint"]
+    np.testing.assert_allclose(old.set_params(cache=None).transform(pictures), np.load(FORMAT0 / "embedder_vectors.npy"),
+                               rtol=1e-5, atol=1e-6)
+
+    monkeypatch.setattr(embed, "build_backbone", lambda *a, **k: pytest.fail("the old cache was recomputed"))
+    fresh = embed.ImageEmbedder("timm:test_resnet", pretrained=False, image_size=32, cache=tmp_path / "cache")
+    np.testing.assert_array_equal(fresh.fit(pictures).fingerprint_, RECORD["fingerprint"])
+    np.testing.assert_array_equal(fresh.transform(pictures), np.load(FORMAT0 / "embedder_vectors.npy"))
+
+
+def test_an_old_fine_tuner_loads_with_its_parameters_renamed(pictures):
+    old = joblib.load(FORMAT0 / "finetune.joblib")
+    params = old.get_params()
+    assert params["max_iter"] == 2 and params["learning_rate"] == 3e-4 and "epochs" not in params
+    assert old.n_iter_ == len(old.history_) == 2
+    np.testing.assert_allclose(old.predict_proba(pictures), np.load(FORMAT0 / "finetune_proba.npy"), rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_an_old_bson_sidecar_is_used_not_rebuilt(shared_data, tmp_path, monkeypatch):
+    import skproduct.io.bson_sidecar as sidecar
+    from skproduct.io import read_bson
+
+    bson = tmp_path / "train_example.bson"
+    shutil.copyfile(shared_data / "cdiscount" / "train_example.bson", bson)
+    os.utime(bson, ns=(RECORD["bson_mtime_ns"], RECORD["bson_mtime_ns"]))  # the file the sidecar was made for
+    index = tmp_path / "train_example.skpidx"
+    shutil.copyfile(FORMAT0 / "train_example.skpidx", index)
+    monkeypatch.setattr(sidecar, "scan_bson", lambda *a, **k: pytest.fail("the old sidecar was rebuilt"))
+    products = read_bson(bson, index_path=index)
+    assert len(products) == 82 and products["n_images"].sum() == 110
