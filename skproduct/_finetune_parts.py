@@ -208,3 +208,62 @@ class FineTuneTask:
         self.optimizer.load_state_dict(state["optimizer"])
         if state["scaler"] and self.scaler.is_enabled():  # a checkpoint from another precision has none to give
             self.scaler.load_state_dict(state["scaler"])
+
+
+def describe_epoch(record: dict) -> str:
+    """The log line of a fine-tuning epoch."""
+    return ("epoch {epoch}: train loss {train_loss:.4f}, valid loss {valid_loss:.4f}, valid accuracy "
+            "{valid_accuracy:.4f}, {images_per_second:.1f} img/s").format(**record)
+
+
+def train_network(est, network: ClassifierNetwork, refs: list, owner: np.ndarray, codes: np.ndarray,
+                  product_weights: np.ndarray, train: np.ndarray, has_validation: bool, validate, checkpoint,
+                  device: torch.device) -> tuple[list[dict], int]:
+    """Assemble the trainer for a :class:`~skproduct.FineTuneClassifier` fit and run it.
+
+    The parts: the learning-rate schedule (a fresh warm-up per phase), early
+    stopping and keep-best on the validation loss (with held-out products),
+    progress, and a checkpoint after every epoch (with ``checkpoint_dir``).
+    Returns the new epochs' records and the epoch whose weights were kept.
+    """
+    from ._finetune_setup import phase
+    from ._training import Checkpoint, EarlyStopping, KeepBest, LearningRateSchedule, Progress, Trainer
+
+    rows = np.flatnonzero(np.isin(owner, train))
+    dataset = ImageDataset(
+        [refs[i] for i in rows], est._training_transform(), est.on_error, est.preprocessing_.image_size,
+        est.preprocessing_.draft_size, compact=est.num_workers > 0,
+    )
+    first_epoch = len(est.history_)
+    continuing = bool(first_epoch)
+
+    def phase_of(epoch: int) -> tuple[bool, int, int]:
+        return phase(est.trainable, est.head_epochs, est.max_iter, epoch, continuing)
+
+    task = FineTuneTask(
+        network, dataset, torch.as_tensor(codes[owner[rows]], dtype=torch.long),
+        torch.as_tensor(product_weights[owner[rows]], dtype=torch.float32),
+        make_optimizer(network, est.learning_rate, est.weight_decay),
+        torch.amp.GradScaler(device.type, enabled=est.precision_ == "fp16"), device=device,
+        precision=est.precision_, num_workers=est.num_workers, batch_size=est.batch_size,
+        label_smoothing=est.label_smoothing, random_state=est.random_state,
+        frozen=lambda epoch: phase_of(epoch)[0], validate=validate,
+    )
+    parts = [LearningRateSchedule(est.learning_rate, task.steps_per_epoch, est.warmup_fraction,
+                                  lambda epoch: phase_of(epoch)[1:])]
+    keep = None
+    if has_validation:
+        start = (task.validate()["valid_loss"], cpu_state(network)) if continuing else None  # must be beaten
+        head_phase = est.head_epochs if est.trainable == "head_then_all" and not continuing else 0
+        keep = KeepBest("valid_loss", lambda: cpu_state(network), network.load_state_dict, start=start,
+                        start_epoch=first_epoch)
+        parts += [EarlyStopping("valid_loss", patience=est.n_iter_no_change, tol=est.tol, counts_from=head_phase),
+                  keep]
+    parts.append(Progress(est.verbose, items_per_epoch=len(dataset), total_epochs=est.max_iter,
+                          describe=describe_epoch))
+    if checkpoint is not None:
+        parts.append(Checkpoint(checkpoint, total_epochs=est.max_iter))
+    history = Trainer(task, parts, est.max_iter, first_epoch=first_epoch).fit()
+    network.eval()
+    validated = keep is not None and keep.best_weights is not None
+    return history, keep.best_epoch if validated else first_epoch + len(history)

@@ -252,19 +252,13 @@ class ImageEmbedder(ImageEstimatorMixin, ClassNamePrefixFeaturesOutMixin, Transf
         return EmbeddingCache.keys_for(contents), readable
 
     def _batches(self, refs: list, device, precision: str):
-        """The backbone over ``refs`` in order: :func:`~skproduct.image_pipeline.data.image_batches`."""
-        from tqdm.auto import tqdm
+        """The backbone over ``refs`` in order (:func:`~skproduct.image_pipeline.data.run_module`)."""
+        from .image_pipeline.data import run_module
 
-        from .image_pipeline.data import ImageDataset, image_batches
-
-        dataset = ImageDataset(
-            refs, self.preprocessing_.transform(), self.on_error, self.preprocessing_.image_size,
-            self.preprocessing_.draft_size, compact=self.num_workers > 0,
-        )
-        progress = tqdm(total=len(refs), unit="img", disable=not self.verbose, desc=f"embedding ({self.backbone})")
-        return image_batches(
-            self._model(device), dataset, batch_size=self.batch_size, num_workers=self.num_workers, device=device,
-            precision=precision, on_error=self.on_error, progress=progress,
+        return run_module(
+            self._model(device), refs, self.preprocessing_, batch_size=self.batch_size, num_workers=self.num_workers,
+            device=device, precision=precision, on_error=self.on_error, verbose=self.verbose,
+            desc=f"embedding ({self.backbone})",
         )
 
     def _extract_into(self, refs, table, table_used, rows, cache, key, keys, device, precision) -> None:

@@ -8,7 +8,6 @@ augmentation and one epoch's steps live in :mod:`skproduct._finetune_parts`.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from numbers import Integral, Real
@@ -23,7 +22,6 @@ from sklearn.base import (
     _fit_context,
 )
 from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.class_weight import compute_class_weight
 from sklearn.utils.validation import check_is_fitted
 
 from .backbones import build_backbone, file_sha256, parse_backbone, resolve_preprocessing
@@ -301,13 +299,16 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassNamePrefixFeaturesOutMixin, C
         """
         import torch
 
-        y = self._labels(y)
+        from ._finetune_parts import train_network
+        from ._finetune_setup import check_known_labels, check_labels, product_weights, validation_split
+
+        y = check_labels(y, self.tree)
         products = self._products(X)
         if len(y) != len(products):
             raise ValueError(f"X has {len(products)} products but y has {len(y)} labels")
         continuing = self.warm_start and hasattr(self, "best_epoch_")
         if continuing:
-            self._check_known_labels(y)
+            check_known_labels(y, self.classes_)
         elif hasattr(self, "best_epoch_"):
             del self.best_epoch_  # a refit that fails half-way must not leave a fitted-looking estimator
         device = self._fit_device()
@@ -316,27 +317,25 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassNamePrefixFeaturesOutMixin, C
         if not continuing:  # a checkpoint to resume from replaces the starting weights: no download then
             self._start(y, download=checkpoint is None or not checkpoint.exists())
         codes = self.tree_.encode(y)
-        train, valid = self._split(codes[:, -1], len(products), continuing)
-        weights = self._product_weights(y, train)
+        if not self.early_stopping:
+            train, valid = np.arange(len(products)), np.arange(0)
+            self.validation_products_ = self.validation_products_ if continuing else None
+        elif continuing and self.validation_products_ is not None and self.validation_products_.max() < len(y):
+            valid = self.validation_products_  # the same held-out products over warm starts
+            train = np.setdiff1d(np.arange(len(products)), valid)
+        else:
+            train, valid = validation_split(codes[:, -1], self.validation_fraction, self.random_state)
+            self.validation_products_ = valid
+        weights, self._prior = product_weights(self.tree_, len(self.classes_), y, train, self.class_weight)
+        valid_products, valid_leaves = [products[i] for i in valid], self.tree_.leaf_positions(y)[valid]
         with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if device.type == "cuda" else []):
-            self._train(products, refs, owner, codes, y, weights, train, valid, checkpoint, device)
+            history, self.best_epoch_ = train_network(
+                self, self._model(device), refs, owner, codes, weights, train, bool(len(valid)),
+                lambda: self._validate(valid_products, valid_leaves, device), checkpoint, device,
+            )
+        self.history_ = self.history_ + history
+        self.n_iter_ = len(self.history_)
         return self
-
-    def _labels(self, y) -> np.ndarray:
-        if y is None:
-            raise ValueError("FineTuneClassifier requires y to be passed, but the target y is None.")
-        y = np.asarray(y)
-        if y.ndim == 2 and y.shape[1] == 1:
-            y = y.ravel()
-        if y.ndim != 1:
-            raise ValueError(f"y must hold one label per product (1-D); got shape {y.shape}")
-        if self.tree is None:
-            from sklearn.utils.multiclass import check_classification_targets
-
-            check_classification_targets(y)
-            if len(np.unique(y)) < 2:
-                raise ValueError(f"y has one class ({y[0]!r}); a classifier needs two or more")
-        return y
 
     def _start(self, y: np.ndarray, download: bool) -> None:
         """Resolve the preprocessing, tree and classes of a fresh fit, and build the network."""
@@ -356,115 +355,6 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassNamePrefixFeaturesOutMixin, C
         self._network, self._network_state = None, None
         self._build_network(initial=download)
 
-    def _check_known_labels(self, y: np.ndarray) -> None:
-        unknown = np.setdiff1d(np.unique(y), self.classes_)
-        if len(unknown):
-            raise ValueError(
-                f"warm_start continues training on the fitted classes, but y has {len(unknown)} labels the model "
-                f"does not know, for example {unknown[:3].tolist()}: fit without warm_start"
-            )
-
-    def _split(self, leaves: np.ndarray, n_products: int, continuing: bool) -> tuple[np.ndarray, np.ndarray]:
-        """Training and validation product positions; the validation set is kept over warm starts."""
-        from ._training import holdout_split
-
-        everything = np.arange(n_products)
-        if not self.early_stopping:
-            if not continuing:
-                self.validation_products_ = None
-            return everything, everything[:0]
-        if continuing and self.validation_products_ is not None and self.validation_products_.max() < n_products:
-            valid = self.validation_products_
-            return np.setdiff1d(everything, valid), valid
-        train, self.validation_products_ = holdout_split(leaves, self.validation_fraction, self.random_state,
-                                                         what="products")
-        if len(train) < 2:
-            raise ValueError(
-                f"{n_products} products are too few to hold {self.validation_fraction:.0%} out for early stopping: "
-                "pass more products or early_stopping=False"
-            )
-        return train, self.validation_products_
-
-    def _product_weights(self, y: np.ndarray, train: np.ndarray) -> np.ndarray:
-        """The loss weight of each product: its class weight (1 without ``class_weight``)."""
-        leaf = self.tree_.leaf_positions(y)
-        self._prior = np.bincount(leaf[train], minlength=len(self.classes_)) / len(train)
-        if self.class_weight is None:
-            return np.ones(len(y))
-        if isinstance(self.class_weight, dict):
-            lookup = self.class_weight
-        else:
-            present = np.unique(y[train])
-            per_class = compute_class_weight(self.class_weight, classes=present, y=y[train])
-            lookup = dict(zip(present.tolist(), per_class, strict=True))
-        return np.array([float(lookup.get(label, 1.0)) for label in y.tolist()])
-
-    def _train(self, products, refs, owner, codes, y, product_weights, train, valid, checkpoint, device) -> None:
-        """Run the trainer: early stopping, keep-best, the schedule, checkpoints and progress as parts."""
-        import torch
-
-        from ._checkpoints import cpu_state
-        from ._finetune_parts import FineTuneTask, make_optimizer
-        from ._training import Checkpoint, EarlyStopping, KeepBest, LearningRateSchedule, Progress, Trainer
-        from .image_pipeline.data import ImageDataset
-
-        network = self._model(device)
-        rows = np.flatnonzero(np.isin(owner, train))
-        dataset = ImageDataset(
-            [refs[i] for i in rows], self._training_transform(), self.on_error, self.preprocessing_.image_size,
-            self.preprocessing_.draft_size, compact=self.num_workers > 0,
-        )
-        valid_products, valid_leaves = [products[i] for i in valid], self.tree_.leaf_positions(y)[valid]
-        first_epoch = len(self.history_)
-        continuing = bool(first_epoch)
-        optimizer = make_optimizer(network, self.learning_rate, self.weight_decay)
-        task = FineTuneTask(
-            network, dataset, torch.as_tensor(codes[owner[rows]], dtype=torch.long),
-            torch.as_tensor(product_weights[owner[rows]], dtype=torch.float32), optimizer,
-            torch.amp.GradScaler(device.type, enabled=self.precision_ == "fp16"), device=device,
-            precision=self.precision_, num_workers=self.num_workers, batch_size=self.batch_size,
-            label_smoothing=self.label_smoothing, random_state=self.random_state,
-            frozen=lambda epoch: self._phase(epoch, continuing)[0],
-            validate=lambda: self._validate(valid_products, valid_leaves, device),
-        )
-        parts = [LearningRateSchedule(self.learning_rate, task.steps_per_epoch, self.warmup_fraction,
-                                      lambda epoch: self._phase(epoch, continuing)[1:])]
-        if len(valid):
-            start = (task.validate()["valid_loss"], cpu_state(network)) if continuing else None
-            head_phase = self.head_epochs if self.trainable == "head_then_all" and not continuing else 0
-            parts += [
-                EarlyStopping("valid_loss", patience=self.n_iter_no_change, tol=self.tol, counts_from=head_phase),
-                KeepBest("valid_loss", lambda: cpu_state(network), network.load_state_dict, start=start,
-                         start_epoch=first_epoch),
-            ]
-        parts.append(Progress(self.verbose, items_per_epoch=len(dataset), total_epochs=self.max_iter,
-                              describe=_describe_epoch))
-        if checkpoint is not None:
-            parts.append(Checkpoint(checkpoint, total_epochs=self.max_iter))
-        trainer = Trainer(task, parts, self.max_iter, first_epoch=first_epoch)
-        self.history_ = self.history_ + trainer.fit()
-        keep = next((part for part in parts if isinstance(part, KeepBest)), None)
-        validated = keep is not None and keep.best_weights is not None
-        self.best_epoch_ = keep.best_epoch if validated else len(self.history_)
-        self.n_iter_ = len(self.history_)
-        network.eval()
-
-    def _phase(self, epoch: int, continuing: bool) -> tuple[bool, int, int]:
-        """``(backbone frozen, first epoch of the phase, epochs in the phase)`` of a fit's ``epoch``.
-
-        A warm-started continuation of ``"head_then_all"`` trains everything
-        at once: its head was trained already.
-        """
-        if self.trainable == "head":
-            return True, 0, self.max_iter
-        if continuing:
-            return False, 0, self.max_iter
-        if self.trainable == "head_then_all" and self.head_epochs < self.max_iter:
-            if epoch < self.head_epochs:
-                return True, 0, self.head_epochs
-            return False, self.head_epochs, self.max_iter - self.head_epochs
-        return self.trainable == "head_then_all", 0, self.max_iter
-
     def _validate(self, products: list[list], leaf_index: np.ndarray, device) -> tuple[float, float]:
         """Product-level log loss and accuracy on the held-out products (``nan`` without any)."""
         if not len(leaf_index):
@@ -481,9 +371,10 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassNamePrefixFeaturesOutMixin, C
         if self.checkpoint_dir is None:
             return None
         from ._checkpoints import checkpoint_name
+        from ._finetune_setup import stable_repr
 
         params = {
-            name: _stable_repr(name, value)
+            name: stable_repr(name, value)
             for name, value in self.get_params(deep=False).items()
             if name not in _UNSET_FOR_CHECKPOINT_KEY
         }
@@ -560,20 +451,14 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassNamePrefixFeaturesOutMixin, C
 
     def _pooled(self, module, products, device, precision: str, what: str, fallback, fallback_name: str):
         """Run ``module`` over every picture of ``products`` and pool per product (one pass, chunk by chunk)."""
-        from tqdm.auto import tqdm
-
-        from .image_pipeline.data import ImageDataset, image_batches
+        from .image_pipeline.data import run_module
 
         refs, owner = flatten_products(products)
-        dataset = ImageDataset(
-            refs, self.preprocessing_.transform(), self.on_error, self.preprocessing_.image_size,
-            self.preprocessing_.draft_size, compact=self.num_workers > 0,
-        )
-        progress = tqdm(total=len(refs), unit="img", disable=not self.verbose, desc=f"{what} ({self.backbone})")
         self._model(device).eval()
-        batches = image_batches(
-            module, dataset, batch_size=self.batch_size, num_workers=self.num_workers, device=device,
-            precision=precision, on_error=self.on_error, progress=progress,
+        batches = run_module(
+            module, refs, self.preprocessing_, batch_size=self.batch_size, num_workers=self.num_workers,
+            device=device, precision=precision, on_error=self.on_error, verbose=self.verbose,
+            desc=f"{what} ({self.backbone})",
         )
         outputs = ((positions, out, used) for positions, out, used, _ in batches)
         return pool_products(outputs, owner, how=self.pooling, fallback=fallback, fallback_name=fallback_name)
@@ -647,32 +532,3 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassNamePrefixFeaturesOutMixin, C
 
         super().__setstate__(upgrade_finetune_state(state))
         self._network, self._network_device = None, None
-
-
-def _describe_epoch(record: dict) -> str:
-    return ("epoch {epoch}: train loss {train_loss:.4f}, valid loss {valid_loss:.4f}, valid accuracy "
-            "{valid_accuracy:.4f}, {images_per_second:.1f} img/s").format(**record)
-
-
-def _stable_repr(name: str, value) -> str:
-    """A parameter as it names a checkpoint: trees by content; callables only with a stable identity."""
-    if isinstance(value, CategoryTree):
-        return hashlib.sha256(value.to_frame().to_csv(index=False).encode()).hexdigest()
-    if callable(value) and not isinstance(value, type):
-        qualname = getattr(value, "__qualname__", None)
-        if qualname is not None:  # a function: its module and name, when it can be found again
-            if "<lambda>" in qualname or "<locals>" in qualname:
-                raise ValueError(
-                    f"{name}={qualname} has no stable identity, so this fit's checkpoint could not be found again "
-                    f"after a restart: pass a module-level function or a transform object as {name}, or "
-                    "checkpoint_dir=None"
-                )
-            return f"{value.__module__}.{qualname}"
-        text = repr(value)
-        if " at 0x" in text:
-            raise ValueError(
-                f"{name}={text} has no stable identity (its repr names a memory address), so this fit's checkpoint "
-                f"could not be found again: give it a __repr__ that describes it, or pass checkpoint_dir=None"
-            )
-        return text
-    return repr(value)

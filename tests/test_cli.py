@@ -194,12 +194,33 @@ def test_finetune_head(small_bson, tmp_path):
     from skproduct.finetune import FineTuneClassifier
 
     out = tmp_path / "model.joblib"
-    argv = ["fit", str(small_bson), "--out", str(out), "--head", "finetune", "--epochs", "1", "--batch-size", "8"]
+    argv = ["fit", str(small_bson), "--out", str(out), "--head", "finetune", "--max-iter", "1", "--batch-size", "8"]
     assert main([*argv, *TINY]) == 0
     assert isinstance(joblib.load(out), FineTuneClassifier)
     submission = tmp_path / "submission.csv"
     assert main(["predict", str(out), str(small_bson), "--out", str(submission), "--top-k", "2", "--quiet"]) == 0
     assert len(_read_csv(submission)) == 30
+    # --device reaches the fine-tuned model too, without refitting it
+    again = tmp_path / "again.csv"
+    predict = ["predict", str(out), str(small_bson), "--out", str(again), "--top-k", "2", "--quiet"]
+    assert main([*predict, "--device", "cpu"]) == 0
+    assert _read_csv(again) == _read_csv(submission)
+
+
+@pytest.mark.parametrize("device", ["cuda:7", "gpu"])
+def test_a_device_this_machine_lacks_is_one_line_before_any_work(device, cdiscount_model, small_bson, tmp_path,
+                                                                  capsys):
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has eight GPUs")
+    out = tmp_path / "never.csv"
+    assert main(["predict", str(cdiscount_model), str(small_bson), "--out", str(out), "--device", device]) == 2
+    _assert_one_line_error(capsys, device)
+    assert not out.exists()
+    assert main(["extract", str(small_bson), "--cache", str(tmp_path / "c"), "--device", device, *TINY]) == 2
+    _assert_one_line_error(capsys, device)
+    assert not (tmp_path / "c").exists()
 
 
 # -- extract: resumable through the cache ------------------------------------------------------------------------------

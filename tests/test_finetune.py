@@ -455,3 +455,40 @@ _EXPECTED_FAILED = {
 )
 def test_sklearn_estimator_checks(estimator, check):
     check(estimator)
+
+
+def test_the_device_is_decided_at_the_call(fitted, fashion):
+    from skproduct.exceptions import DeviceUnavailableError
+
+    _, test = fashion
+    expected = fitted.predict_proba(test.iloc[:8])
+    moved = clone(fitted).set_params(device="cpu")
+    moved.__dict__.update({k: v for k, v in fitted.__dict__.items() if k.endswith("_") or k.startswith("_")})
+    np.testing.assert_allclose(moved.predict_proba(test.iloc[:8]), expected, rtol=1e-6, atol=1e-9)  # no refit
+    with pytest.raises(DeviceUnavailableError, match="cuda:5"):
+        moved.set_params(device="cuda:5").predict(test.iloc[:2])
+
+
+def test_max_pooling_of_a_products_pictures(cdiscount):
+    products, _ = cdiscount
+    products = products.head(24)
+    y = products["category_id"].to_numpy() % 2
+    several = np.flatnonzero(products["n_images"].to_numpy() > 1)
+    model = FineTuneClassifier(**TINY, max_iter=1, augment=False, early_stopping=False).fit(products, y)
+    mean = model.predict_proba(products)
+    top = model.set_params(pooling="max").predict_proba(products)
+    np.testing.assert_allclose(top.sum(axis=1), 1.0)  # renormalised
+    single = np.setdiff1d(np.arange(len(products)), several)
+    np.testing.assert_allclose(top[single], mean[single], rtol=1e-6)  # one picture: nothing to pool
+    assert len(several) and not np.allclose(top[several], mean[several])
+    embeddings = model.transform(products)
+    assert (model.set_params(pooling="mean").transform(products)[several] <= embeddings[several] + 1e-6).all()
+
+
+def test_a_lambda_augment_cannot_name_a_checkpoint(fashion, tmp_path):
+    train, _ = fashion
+    model = FineTuneClassifier(**TINY, max_iter=1, augment=lambda image: image, checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"augment=.*<lambda> has no stable identity.*checkpoint_dir=None"):
+        small = train.groupby("category_id").head(2)
+        model.fit(small, small["category_id"].to_numpy())
+    assert not list(tmp_path.iterdir())

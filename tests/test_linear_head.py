@@ -247,7 +247,7 @@ def test_hand_written_gradient_matches_autograd(smoothing):
     import torch
     import torch.nn.functional as F
 
-    from skproduct.heads.linear import _step
+    from skproduct.heads._linear_training import _step
 
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(50, 7, generator=generator)

@@ -16,7 +16,7 @@ from ..exceptions import BadPictureWarning
 from ..images import BadImagePolicy
 from .device import autocast_dtype
 
-__all__ = ["CompactRefs", "ImageDataset", "feature_size", "image_batches", "image_loader"]
+__all__ = ["CompactRefs", "ImageDataset", "feature_size", "image_batches", "image_loader", "run_module"]
 
 
 class CompactRefs:
@@ -158,3 +158,34 @@ def feature_size(module: torch.nn.Module, image_size: int) -> int:
     probe = torch.zeros(1, 3, image_size, image_size, device=None if parameter is None else parameter.device)
     with torch.inference_mode():
         return int(module(probe).shape[1])
+
+
+def run_module(
+    module: Callable[[torch.Tensor], torch.Tensor],
+    refs: list,
+    preprocessing,
+    *,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    precision: str,
+    on_error: str,
+    verbose: int = 0,
+    desc: str = "images",
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """Decode ``refs`` with ``preprocessing``'s eval transform and run ``module`` over them in order.
+
+    The one entry point both image estimators use for inference: the
+    dataset, the loader, the progress bar and :func:`image_batches`' loop.
+    """
+    from tqdm.auto import tqdm
+
+    dataset = ImageDataset(
+        refs, preprocessing.transform(), on_error, preprocessing.image_size, preprocessing.draft_size,
+        compact=num_workers > 0,
+    )
+    progress = tqdm(total=len(refs), unit="img", disable=not verbose, desc=desc)
+    return image_batches(
+        module, dataset, batch_size=batch_size, num_workers=num_workers, device=device, precision=precision,
+        on_error=on_error, progress=progress,
+    )
