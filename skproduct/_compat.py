@@ -7,7 +7,7 @@ here, so that a model saved before a rename loads with the same behaviour
 
 from __future__ import annotations
 
-__all__ = ["upgrade_finetune_state", "upgrade_torch_linear_state"]
+__all__ = ["VersionStampMixin", "upgrade_finetune_state", "upgrade_torch_linear_state"]
 
 # (old name, new name) of parameters renamed in 0.1 (the one vocabulary of the torch estimators).
 _FINETUNE_RENAMES = (("epochs", "max_iter"), ("lr", "learning_rate"))
@@ -48,3 +48,15 @@ def upgrade_torch_linear_state(state: dict) -> dict:
     {'max_iter': 5}
     """
     return _renamed(state, _TORCH_LINEAR_RENAMES)
+
+
+class VersionStampMixin:
+    """Saves the skproduct version with an estimator (``_skproduct_version`` in its pickled state), as
+    scikit-learn saves its own, so that a file says which format it holds."""
+
+    def __getstate__(self):
+        from . import __version__
+
+        state = super().__getstate__()
+        state["_skproduct_version"] = __version__
+        return state

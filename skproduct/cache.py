@@ -21,11 +21,13 @@ import struct
 import threading
 import time
 import uuid
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from ._files import atomic_write, temporary_pattern
+from .exceptions import StaleFileWarning
 
 logger = logging.getLogger(__name__)
 
@@ -69,12 +71,14 @@ class _Store:
         for name in sorted(names):
             try:
                 keys, vectors = _read_segment(self.folder / name)
-            except (OSError, ValueError) as exc:
-                logger.warning("ignoring the unreadable cache segment %s: %s", self.folder / name, exc)
+            except (OSError, ValueError, struct.error) as exc:  # struct.error: a segment cut short
+                warnings.warn(f"ignoring the unreadable cache segment {self.folder / name}: {exc} (its pictures are "
+                              "computed again)", StaleFileWarning, stacklevel=4)
                 continue
             self.seen.add(name)
             if self.dim is not None and vectors.shape[1] != self.dim:
-                logger.warning("ignoring the cache segment %s: its vectors have another size", self.folder / name)
+                warnings.warn(f"ignoring the cache segment {self.folder / name}: its vectors have another size",
+                              StaleFileWarning, stacklevel=4)
                 continue
             self.dim = vectors.shape[1]
             new_keys.append(keys)

@@ -71,3 +71,24 @@ def test_an_old_bson_sidecar_is_used_not_rebuilt(shared_data, tmp_path, monkeypa
     monkeypatch.setattr(sidecar, "scan_bson", lambda *a, **k: pytest.fail("the old sidecar was rebuilt"))
     products = read_bson(bson, index_path=index)
     assert len(products) == 82 and products["n_images"].sum() == 110
+
+
+def test_a_stale_sidecar_or_a_damaged_segment_is_said_out_loud(shared_data, tmp_path, pictures):
+    from skproduct import EmbeddingCache, ImageEmbedder
+    from skproduct.exceptions import StaleFileWarning
+    from skproduct.io import read_bson
+
+    bson = tmp_path / "train_example.bson"
+    shutil.copyfile(shared_data / "cdiscount" / "train_example.bson", bson)  # a new mtime: the old index is stale
+    index = tmp_path / "train_example.skpidx"
+    shutil.copyfile(FORMAT0 / "train_example.skpidx", index)
+    with pytest.warns(StaleFileWarning, match="is stale"):
+        assert len(read_bson(bson, index_path=index)) == 82
+
+    embedder = ImageEmbedder("timm:test_resnet", pretrained=False, image_size=32, cache=tmp_path / "cache")
+    expected = embedder.fit_transform(pictures)
+    segment = next((tmp_path / "cache").glob("*/*.skemb"))
+    segment.write_bytes(b"not a segment")
+    with pytest.warns(StaleFileWarning, match="unreadable cache segment"):
+        again = ImageEmbedder("timm:test_resnet", pretrained=False, image_size=32, cache=EmbeddingCache(tmp_path / "cache"))
+        np.testing.assert_allclose(again.fit_transform(pictures), expected, rtol=1e-5, atol=1e-6)  # computed again

@@ -18,6 +18,7 @@ from sklearn.utils.validation import (
     validate_data,
 )
 
+from .._compat import VersionStampMixin
 from ..taxonomy import CategoryTree, _check_level
 
 __all__ = ["HierarchicalClassifier"]
@@ -40,7 +41,7 @@ def _fit_local(estimator, X, y, sample_weight):
     return estimator.fit(X, y, sample_weight=sample_weight)
 
 
-class HierarchicalClassifier(ClassifierMixin, BaseEstimator):
+class HierarchicalClassifier(VersionStampMixin, ClassifierMixin, BaseEstimator):
     """A classifier that follows a category tree, so that every prediction is a valid path.
 
     Parameters

@@ -18,6 +18,7 @@ from sklearn.utils.class_weight import compute_class_weight
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
+from .._compat import VersionStampMixin
 from .._training import holdout_split
 from ._linear_training import _train, _weighted_standardisation
 
@@ -27,7 +28,7 @@ __all__ = ["TorchLinearClassifier"]
 _SCORE_BLOCK_VALUES = 1 << 22
 
 
-class TorchLinearClassifier(ClassifierMixin, BaseEstimator):
+class TorchLinearClassifier(VersionStampMixin, ClassifierMixin, BaseEstimator):
     """Multinomial logistic regression (a softmax head) trained by minibatch Adam with torch.
 
     Meant for many classes and many rows (embeddings of product pictures over thousands of

@@ -14,6 +14,7 @@ from numbers import Integral
 
 from sklearn.utils._param_validation import Interval, StrOptions
 
+from .._compat import VersionStampMixin
 from ..images import ON_ERROR_CHOICES
 from .refs import image_refs
 
@@ -36,7 +37,7 @@ IMAGE_ESTIMATOR_CONSTRAINTS: dict = {
 }
 
 
-class ImageEstimatorMixin:
+class ImageEstimatorMixin(VersionStampMixin):
     """What the image estimators share: ``X`` read as images, the device and precision policy, tags.
 
     The device is decided at every call, from the ``device`` parameter as it

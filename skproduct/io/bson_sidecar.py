@@ -16,12 +16,14 @@ import json
 import logging
 import os
 import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from .._files import atomic_write, resolve_file_target
 from .._paths import user_cache_dir
+from ..exceptions import StaleFileWarning
 from .bson_scan import BsonIndex, scan_bson, truncated_error, warn_truncated
 
 logger = logging.getLogger(__name__)
@@ -152,7 +154,10 @@ def _read_sidecar(candidate: Path, signature: dict) -> BsonIndex | None:
             header = json.loads(f.read(header_length))
             data_start = _aligned(len(_MAGIC) + _HEADER_LENGTH.size + header_length)
             if header.get("version") != _FORMAT_VERSION or header.get("source") != signature:
-                logger.info("the index %s is stale; rebuilding it", candidate)
+                warnings.warn(
+                    f"the index {candidate} is stale (its BSON file changed since, or another version of skproduct "
+                    "wrote it); rebuilding it", StaleFileWarning, stacklevel=4,
+                )
                 return None
             arrays = {}
             for name, dtype, count, offset in header["arrays"]:
@@ -163,7 +168,8 @@ def _read_sidecar(candidate: Path, signature: dict) -> BsonIndex | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
-        logger.warning("ignoring the unreadable index %s (%s); rebuilding it", candidate, exc)
+        warnings.warn(f"ignoring the unreadable index {candidate} ({exc}); rebuilding it", StaleFileWarning,
+                      stacklevel=4)
         return None
     return BsonIndex(**arrays, truncated_offset=int(header["truncated_offset"]))
 
