@@ -131,7 +131,7 @@ def run_skorch(args, train, test, tree) -> dict:
     from skorch import NeuralNetClassifier
     from skorch.callbacks import LRScheduler
 
-    from skproduct._training import training_transform
+    from skproduct._finetune_parts import training_transform
     from skproduct.backbones import parse_backbone, resolve_preprocessing
 
     preprocessing = resolve_preprocessing(parse_backbone(args.backbone), args.image_size)

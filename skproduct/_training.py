@@ -325,8 +325,14 @@ class Checkpoint(Part):
     """Write the trainer's, the task's and every part's state to ``path`` after each epoch; resume from it.
 
     The file is written atomically (a killed run leaves the previous
-    checkpoint whole) and holds :data:`CHECKPOINT_FORMAT`; a file of another
-    format is refused with an error that says to remove it.
+    checkpoint whole), holds :data:`CHECKPOINT_FORMAT` and carries its SHA-256
+    (see :mod:`skproduct._checkpoints`). The last two are kept: before each
+    write, the checkpoint there (when it verifies) becomes ``name.prev.pt``. On
+    resume, a damaged checkpoint is passed over with a
+    :class:`~skproduct.exceptions.StaleFileWarning` for the previous one, and
+    when neither is good training restarts from the first epoch (with that
+    warning); a file of another format is refused with an error that says to
+    remove it.
     """
 
     name = "checkpoint"
@@ -335,11 +341,11 @@ class Checkpoint(Part):
         self.path, self.total_epochs = Path(path), total_epochs
 
     def on_fit_start(self, trainer: Trainer) -> None:
-        if not self.path.exists():
-            return
-        from ._checkpoints import load_checkpoint
+        from ._checkpoints import load_latest_checkpoint
 
-        payload = load_checkpoint(self.path, CHECKPOINT_FORMAT)
+        payload = load_latest_checkpoint(self.path, CHECKPOINT_FORMAT)
+        if payload is None:
+            return
         trainer.load_state_dict(payload["trainer"])
         trainer.task.load_state_dict(payload["task"])
         parts = {part.name: part for part in trainer.parts if part is not self}
@@ -349,7 +355,7 @@ class Checkpoint(Part):
         logger.info("resuming from %s: %d of %d epochs done", self.path, trainer.epoch, self.total_epochs)
 
     def on_epoch_end(self, trainer: Trainer, record: dict) -> None:
-        from ._checkpoints import save_checkpoint
+        from . import _checkpoints
 
         payload = {
             "format": CHECKPOINT_FORMAT,
@@ -357,7 +363,8 @@ class Checkpoint(Part):
             "task": trainer.task.state_dict(),
             "parts": {part.name: part.state_dict() for part in trainer.parts if part is not self},
         }
-        save_checkpoint(self.path, payload)
+        _checkpoints.keep_as_previous(self.path)
+        _checkpoints.save_checkpoint(self.path, payload)
 
 
 def holdout_split(labels: np.ndarray, fraction: float, random_state, what: str = "rows") -> tuple[np.ndarray, np.ndarray]:

@@ -264,12 +264,14 @@ class ImageEmbedder(ImageEstimatorMixin, ClassNamePrefixFeaturesOutMixin, Transf
     def _extract_into(self, refs, table, table_used, rows, cache, key, keys, device, precision) -> None:
         """Extract ``refs`` into ``table[rows]``; store the decodable pictures' vectors in ``cache`` as they come."""
         pending: list[tuple[np.ndarray, np.ndarray]] = []
-        for positions, vectors, used, decoded in self._batches(refs, device, precision):
-            table[rows[positions]], table_used[rows[positions]] = vectors, used
-            pending.append((keys[positions[decoded]], vectors[decoded]))
-            if sum(len(k) for k, _ in pending) >= _FLUSH_EVERY:
-                self._flush(cache, key, pending)
-        self._flush(cache, key, pending)
+        try:
+            for positions, vectors, used, decoded in self._batches(refs, device, precision):
+                table[rows[positions]], table_used[rows[positions]] = vectors, used
+                pending.append((keys[positions[decoded]], vectors[decoded]))
+                if sum(len(k) for k, _ in pending) >= _FLUSH_EVERY:
+                    self._flush(cache, key, pending)
+        finally:  # interrupted (Ctrl-C) or failed half-way: the finished vectors are kept all the same
+            self._flush(cache, key, pending)
 
     def _flush(self, cache: EmbeddingCache, key: str, pending: list[tuple[np.ndarray, np.ndarray]]) -> None:
         if pending:

@@ -15,6 +15,7 @@ __all__ = [
     "BadPictureWarning",
     "BsonFormatError",
     "BsonTruncatedError",
+    "CacheWriteWarning",
     "ImageDecodeError",
     "DeviceFallbackWarning",
     "DeviceUnavailableError",
@@ -22,6 +23,7 @@ __all__ = [
     "MissingImagesError",
     "SkproductWarning",
     "StaleFileWarning",
+    "VersionMismatchWarning",
     "WeightsUnavailableError",
 ]
 
@@ -115,3 +117,13 @@ class DeviceFallbackWarning(SkproductWarning):
 class StaleFileWarning(SkproductWarning):
     """A file skproduct keeps beside its data (a BSON index, a cache segment) was out of date or damaged and is
     rebuilt or ignored."""
+
+
+class CacheWriteWarning(SkproductWarning):
+    """The embedding cache could not be written (a read-only folder, no permission, a full disk): the vectors are
+    kept in the process's memory only, and later runs compute them again."""
+
+
+class VersionMismatchWarning(SkproductWarning):
+    """A saved model is loaded under other versions of skproduct, torch, timm or open_clip than it was saved with
+    (its results may differ); a model saved before versions were recorded gives none."""

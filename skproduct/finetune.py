@@ -299,6 +299,7 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassNamePrefixFeaturesOutMixin, C
         """
         import torch
 
+        from ._checkpoints import usable_checkpoint
         from ._finetune_parts import train_network
         from ._finetune_setup import check_known_labels, check_labels, product_weights, validation_split
 
@@ -315,7 +316,7 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassNamePrefixFeaturesOutMixin, C
         refs, owner = flatten_products(products)
         checkpoint = self._checkpoint_path(refs, owner, y, continuing, device)
         if not continuing:  # a checkpoint to resume from replaces the starting weights: no download then
-            self._start(y, download=checkpoint is None or not checkpoint.exists())
+            self._start(y, download=checkpoint is None or usable_checkpoint(checkpoint) is None)
         codes = self.tree_.encode(y)
         if not self.early_stopping:
             train, valid = np.arange(len(products)), np.arange(0)

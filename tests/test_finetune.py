@@ -324,7 +324,9 @@ def test_resume_after_a_killed_fit(shared_data, tmp_path):
     killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False)
     assert killed.returncode == -9, killed.stderr
     checkpoints = list((tmp_path / "checkpoints").iterdir())
-    assert len(checkpoints) == 1 and checkpoints[0].suffix == ".pt"  # no temporary file left behind
+    # epoch 2's checkpoint and epoch 1's kept before it (name.pt, name.prev.pt); no temporary file left behind
+    assert sorted(p.name.endswith(".prev.pt") for p in checkpoints) == [False, True]
+    assert all(p.suffix == ".pt" for p in checkpoints) and len({p.name.split(".")[0] for p in checkpoints}) == 1
 
     products = fashion_slice(bson, tmp_path / "index", FASHION_LEAVES, 20)  # noqa: F821
     y = products["category_id"].to_numpy()

@@ -473,3 +473,37 @@ def test_scorer_errors(small_tree):
         make_hierarchical_scorer(small_tree, metric="accuracy", level=5)
     with pytest.raises(TypeError, match="CategoryTree"):
         make_hierarchical_scorer(None)
+
+
+# -- mistake severity -------------------------------------------------------------------------------------------------
+def test_mistake_severity_is_the_height_of_the_lowest_common_ancestor(shared_data):
+    from skproduct import CategoryTree
+    from skproduct.metrics import make_hierarchical_scorer, mistake_severity, tree_distance
+
+    tree = CategoryTree.from_csv(shared_data / "cdiscount" / "category_names.csv")
+    frame = tree.to_frame()
+    leaves = frame.iloc[:, 0].to_numpy()
+    rng = np.random.default_rng(0)
+    y_true = rng.choice(leaves, 5000)
+    y_pred = np.where(rng.random(5000) < 0.4, y_true, rng.choice(leaves, 5000))
+    distance = tree_distance(y_true, y_pred, tree=tree)
+    codes_true, codes_pred = tree.encode(y_true), tree.encode(y_pred)
+    expected = [3 - next((level for level in range(3) if codes_true[i, level] != codes_pred[i, level]), 3)
+                for i in range(5000)]
+    np.testing.assert_array_equal(distance, expected)  # the vectorised form equals the definition, row by row
+    severity = mistake_severity(y_true, y_pred, tree=tree)
+    assert severity.overall == pytest.approx(distance.mean())
+    assert severity.mistakes == pytest.approx(distance[distance > 0].mean()) and severity.mistakes > severity.overall
+    assert np.isnan(mistake_severity(y_true, y_true, tree=tree).mistakes)
+    assert mistake_severity(y_true, y_true, tree=tree).overall == 0.0
+
+    from sklearn.base import BaseEstimator, ClassifierMixin
+
+    class Fixed(ClassifierMixin, BaseEstimator):
+        classes_ = np.unique(leaves)
+
+        def predict(self, X):
+            return y_pred[: len(X)]
+
+    scorer = make_hierarchical_scorer(tree, metric="mistake_severity")
+    assert scorer(Fixed(), np.zeros((5000, 1)), y_true) == pytest.approx(-severity.overall)  # greater is better

@@ -67,19 +67,35 @@ def load_weights_file(module: Any, path: str | os.PathLike, name: str, prefix: s
     import torch
 
     file_sha256(path)  # a clear error for a missing file
-    state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many kinds (UnpicklingError, RuntimeError, EOFError...) for a non-weights file
+        raise ValueError(
+            f"the weights file {os.fspath(path)!r} is not a torch weights file ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else 'unreadable'}): pass a state dict saved with torch.save"
+        ) from exc
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
+    if not isinstance(state, dict):
+        raise ValueError(
+            f"the weights file {os.fspath(path)!r} holds a {type(state).__name__}, not a state dict: pass a file "
+            "saved with torch.save(model.state_dict(), path)"
+        )
     if prefix is not None and any(k.startswith(prefix) for k in state):
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     own = module.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    missing = sorted(set(own) - set(usable))
+    # What load_state_dict itself fills in: BatchNorm's step counters, which many exported checkpoints drop.
+    optional = {k for k in own if k.endswith("num_batches_tracked")}
+    missing = sorted(set(own) - set(usable) - optional)
     if missing:
         raise ValueError(
             f"the weights file {os.fspath(path)!r} does not fit {name}: {len(missing)} parameters are missing or "
             f"of another shape, for example {missing[:3]}"
         )
-    module.load_state_dict(usable)
+    result = module.load_state_dict(usable, strict=False)
+    unexpected_missing = sorted(set(result.missing_keys) - optional)
+    if unexpected_missing:  # cannot happen after the check above; a guard against a silent partial load
+        raise ValueError(f"the weights file {os.fspath(path)!r} left {unexpected_missing[:3]} of {name} unset")
     logger.debug("loaded %d tensors from %s into %s", len(usable), os.fspath(path), name)

@@ -1,16 +1,39 @@
-"""The commands: one ``run_<command>`` function of the parsed arguments each, and the models they build."""
+"""The commands: one ``run_<command>`` function of the parsed arguments each, and the models they build.
+
+Each command checks everything it can before its long work starts: its output
+paths (:func:`~skproduct.cli._data.check_outputs`), the ``--cache`` folder, the
+device, and the backbone options (the embedder is resolved, weights file
+included, before any picture is read). Products whose pictures are all unusable
+(or, with ``--on-missing drop``, whose image file is missing) are predicted from
+the training prior and counted in the command's summary.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
 from . import CommandError
-from ._data import Data, check_leaves, read_data, read_tree, require_file, save
+from ._data import (
+    BSON_COLUMNS,
+    CSV_COLUMNS,
+    Data,
+    check_folder_option,
+    check_leaves,
+    check_outputs,
+    is_stdout,
+    read_data,
+    read_tree,
+    require_file,
+    save,
+    user_input,
+)
 from ._report import print_scores, save_confusion
 
 logger = logging.getLogger(__name__)
@@ -38,6 +61,13 @@ def _embedder_from_args(args: argparse.Namespace, cache=None):
     )
 
 
+def _resolve_embedder(embedder) -> None:
+    """Fit (resolve) the embedder before any picture is read: the backbone name, the weights file, the image size
+    and the device are checked here, so that a mistake in them is one line before the long work starts."""
+    with user_input("the backbone options (--backbone, --weights, --image-size)"):
+        embedder.fit()
+
+
 def _head(name: str, args: argparse.Namespace, tree):
     """The head estimator that ``--head name`` (or ``--local-estimator name``) stands for."""
     if name == "logistic":
@@ -63,6 +93,8 @@ def _finetune_model(args: argparse.Namespace, tree):
 
     if args.cache is not None:
         logger.warning("--cache is not used with --head finetune: the backbone's vectors change as it trains")
+    # The fine-tuner builds its backbone inside fit: check the backbone options the same way first.
+    _resolve_embedder(_embedder_from_args(args).set_params(cache=None))
     return FineTuneClassifier(
         args.backbone, pretrained=args.pretrained, weights=args.weights, tree=tree, max_iter=args.max_iter,
         image_size=args.image_size, device=args.device or "auto", on_error=args.on_error,
@@ -77,19 +109,35 @@ def _model_from_args(args: argparse.Namespace, tree):
         return _finetune_model(args, tree)
     from sklearn.pipeline import Pipeline
 
-    return Pipeline([("embed", _embedder_from_args(args)), ("head", _head(args.head, args, tree))])
+    embedder = _embedder_from_args(args)
+    _resolve_embedder(embedder)
+    return Pipeline([("embed", embedder), ("head", _head(args.head, args, tree))])
 
 
 def _fit_and_score(model, data: Data) -> float:
-    """Fit ``model`` and return its training accuracy, embedding the pictures once."""
+    """Fit ``model`` and return its training accuracy, embedding the pictures once.
+
+    The embedder of a pipeline was resolved (fitted: it learns nothing from
+    the pictures) before the work started; only its vectors are computed here.
+    """
     from sklearn.pipeline import Pipeline
 
     if not isinstance(model, Pipeline):
         model.fit(data.frame, data.labels)
         return float(model.score(data.frame, data.labels))
-    features = model[:-1].fit_transform(data.frame, data.labels)
+    features = model[:-1].transform(data.frame)
     head = model[-1].fit(features, data.labels)
     return float(head.score(features, data.labels))
+
+
+def _class_prior(classes: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The training frequency of each of ``classes`` (0 for a class without training products)."""
+    found, counts = np.unique(labels, return_counts=True)
+    prior = np.zeros(len(classes))
+    where = {label: count for label, count in zip(found.tolist(), counts.tolist(), strict=True)}
+    for i, label in enumerate(np.asarray(classes).tolist()):
+        prior[i] = where.get(label, 0)
+    return prior / max(prior.sum(), 1)
 
 
 def _load_model(path: str):
@@ -139,18 +187,158 @@ def _check_device(device: str) -> None:
     resolve_device(device)
 
 
+def _summary_stream(*outputs: str | None):
+    """Where the human-readable lines go: stdout, unless a result is written there."""
+    return sys.stderr if any(is_stdout(path) for path in outputs) else sys.stdout
+
+
+# -- predictions that never drop a product ----------------------------------------------------------------------------
+@dataclass
+class _Predictions:
+    """A model's answer for every product of a :class:`Data`, products without a usable picture included."""
+
+    labels: np.ndarray
+    proba: np.ndarray | None
+    no_picture: np.ndarray  # bool, per product: no usable picture (all failed to decode, or the file is missing)
+    from_prior: bool  # whether those products were answered from the training prior
+
+    def summary(self) -> str | None:
+        """The summary line about the products without a usable picture, if there were any."""
+        n = int(self.no_picture.sum())
+        if not n:
+            return None
+        products, were = ("product", "was") if n == 1 else ("products", "were")
+        if self.from_prior:
+            return f"{n} {products} had no usable picture and {were} predicted from the training prior"
+        return (
+            f"{n} {products} had no usable picture and {were} predicted from a zero vector (the model file holds no "
+            "training prior: refit it with 'skproduct fit' to predict them from the prior)"
+        )
+
+
+def _last_embedder_step(model) -> int | None:
+    """The position of the last :class:`~skproduct.ImageEmbedder` step of a pipeline model, if any."""
+    from sklearn.pipeline import Pipeline
+
+    from ..embed import ImageEmbedder
+
+    if not isinstance(model, Pipeline):
+        return None
+    positions = [i for i, (_, step) in enumerate(model.steps[:-1]) if isinstance(step, ImageEmbedder)]
+    return positions[-1] if positions else None
+
+
+def _training_prior(model) -> np.ndarray | None:
+    """The training class frequencies in ``classes_`` order: saved by ``skproduct fit`` on a pipeline
+    (``class_prior_``), or a fine-tuner's own."""
+    prior = getattr(model, "class_prior_", None)
+    if prior is None:
+        prior = getattr(model, "_prior", None)  # FineTuneClassifier's, which its predict_proba already uses
+    if prior is None or len(prior) != len(model.classes_):
+        return None
+    return np.asarray(prior, dtype=float)
+
+
+def _can_answer_absent(model) -> bool:
+    """Whether products without any picture to read can be answered (from the prior, or a zero vector)."""
+    return _last_embedder_step(model) is not None or _training_prior(model) is not None
+
+
+def _predict(model, data: Data, *, want_proba: bool) -> _Predictions:
+    """Predict every product of ``data``; the products without a usable picture get the training prior.
+
+    Which products had no usable picture is read from the model's own
+    fallback: the embedder gives them a zero vector (a pipeline's features are
+    computed here, step by step, to see it), and a fine-tuner gives them its
+    training prior as probabilities.
+    """
+    n = len(data.ids)
+    present = np.ones(n, dtype=bool) if data.absent is None else ~data.absent
+    classes = np.asarray(model.classes_)
+    prior = _training_prior(model)
+    where = _last_embedder_step(model)
+    if where is not None:
+        head = model.steps[-1][1]
+        vectors = model[: where + 1].transform(data.frame)
+        features = np.zeros((n, vectors.shape[1]), dtype=vectors.dtype)
+        features[present] = vectors
+        no_picture = ~features.any(axis=1)
+        if where + 1 < len(model.steps) - 1:
+            features = model[where + 1 : -1].transform(features)
+        proba = head.predict_proba(features) if want_proba else None
+        labels = np.asarray(head.predict(features))
+    elif prior is not None and hasattr(model, "predict_proba"):
+        proba = np.tile(prior, (n, 1))
+        proba[present] = model.predict_proba(data.frame)
+        no_picture = np.isclose(proba, prior, rtol=1e-6, atol=1e-9).all(axis=1) | ~present
+        labels = classes[proba.argmax(axis=1)]
+    else:  # a model skproduct did not make: its own answer for every product
+        proba = np.asarray(model.predict_proba(data.frame)) if want_proba else None
+        labels = np.asarray(model.predict(data.frame))
+        no_picture = np.zeros(n, dtype=bool)
+    if prior is not None and no_picture.any():
+        labels = labels.copy()
+        labels[no_picture] = classes[int(np.argmax(prior))]
+        if proba is not None:
+            proba = np.array(proba, dtype=float)
+            proba[no_picture] = prior
+    return _Predictions(labels, proba, no_picture, prior is not None)
+
+
+def _check_label_kind(model, data: Data, model_path: str) -> None:
+    """Warn when the model's classes are not the kind of label the submission's format holds."""
+    classes = np.asarray(model.classes_)
+    if not len(classes):
+        return
+    integer = np.issubdtype(classes.dtype, np.integer)
+    example = classes[:1].tolist()[0]
+    if data.columns == BSON_COLUMNS and not integer:
+        logger.warning(
+            "the classes of %s are not integer category ids (such as %r, a model fitted on a CSV?), but Cdiscount's "
+            "%s column holds integer ids: this submission will not score; use a model fitted on a .bson file",
+            model_path, example, BSON_COLUMNS[1],
+        )
+    elif data.columns == CSV_COLUMNS and integer:
+        logger.warning(
+            "the classes of %s are integer category ids (such as %r, a model fitted on a .bson file), written into "
+            "the %s column of a CSV submission, whose labels are the strings of a CSV (such as Shopee's '03'): check "
+            "that the model fits this data", model_path, example, CSV_COLUMNS[1],
+        )
+
+
+def _check_duplicate_names(data: Data) -> None:
+    if data.columns != CSV_COLUMNS:
+        return
+    names, counts = np.unique(data.ids.astype(str), return_counts=True)
+    repeated = names[counts > 1]
+    if len(repeated):
+        logger.warning(
+            "%d file names appear more than once in %s (such as %r): each row gets its own prediction, but a grader "
+            "keyed by file name may keep only one of them", len(repeated), data.path, repeated[0],
+        )
+
+
 # -- fit --------------------------------------------------------------------------------------------------------------
 def run_fit(args: argparse.Namespace) -> None:
+    check_outputs([("--out", args.out)], [args.train, args.categories, args.weights])
+    check_folder_option("--cache", args.cache)
     if args.head == "hierarchical" and args.categories is None:
         raise CommandError("--head hierarchical needs the category tree: pass --categories category_names.csv")
     tree = None if args.categories is None else read_tree(args.categories)
-    data = read_data(args.train, args, need_labels=True)
+    data = read_data(args.train, args, need_labels=True, keep_every_product=False)
     if tree is not None:
         check_leaves(data.labels, tree, f"labels of {args.train}")
-    model = _model_from_args(args, tree)
+    elif len(np.unique(data.labels)) < 2:
+        raise CommandError(
+            f"every product of {args.train} has the label {data.labels[:1].tolist()[0]!r}: a classifier needs two "
+            "classes or more"
+        )
+    model = _model_from_args(args, tree)  # the backbone options are checked here, before any picture is embedded
     start = time.perf_counter()
     accuracy = _fit_and_score(model, data)
     seconds = time.perf_counter() - start
+    if hasattr(model, "steps"):  # what products without a usable picture are predicted from, later
+        model.class_prior_ = _class_prior(np.asarray(model.classes_), data.labels)
 
     import joblib
 
@@ -164,30 +352,47 @@ def run_fit(args: argparse.Namespace) -> None:
 
 # -- predict ----------------------------------------------------------------------------------------------------------
 def run_predict(args: argparse.Namespace) -> None:
+    check_outputs([("--out", args.out)], [args.model, args.test], to_stdout=["--out"])
+    check_folder_option("--cache", args.cache)
     model = _load_model(args.model)
     _apply_runtime_options(model, args)
+    if args.top_k > 1 and not hasattr(model, "predict_proba"):
+        raise CommandError(f"a {type(model).__name__} gives no probabilities, so it cannot rank classes: drop --top-k")
     data = read_data(args.test, args, need_labels=False)
+    if data.absent is not None and not _can_answer_absent(model):
+        raise CommandError(
+            f"a {type(model).__name__} cannot answer the products whose image is missing: fix the paths in "
+            f"{args.test} instead of --on-missing drop"
+        )
+    _check_label_kind(model, data, args.model)
+    _check_duplicate_names(data)
     start = time.perf_counter()
-    submission = _submission(model, data, args.top_k)
+    submission, predictions = _submission(model, data, args.top_k)
     seconds = time.perf_counter() - start
     save(args.out, lambda f: submission.to_csv(f, index=False), mode="w")
-    print(f"predicted {len(submission)} products of {args.test} in {seconds:.1f} s")
-    print(f"wrote {args.out} with columns {','.join(submission.columns)}")
+    out = _summary_stream(args.out)
+    print(f"predicted {len(submission)} products of {args.test} in {seconds:.1f} s", file=out)
+    if predictions.summary():
+        print(predictions.summary(), file=out)
+    where = "stdout" if is_stdout(args.out) else args.out
+    print(f"wrote {where} with columns {','.join(submission.columns)}", file=out)
 
 
 def _submission(model, data: Data, top_k: int):
-    """Kaggle's submission frame: the id column, the predicted class, then the runners-up with ``top_k > 1``."""
+    """Kaggle's submission frame (the id column, the predicted class, then the runners-up with ``top_k > 1``), and
+    the predictions it was made of."""
     import pandas as pd
 
     id_column, label_column = data.columns
     columns = {id_column: data.ids}
+    predictions = _predict(model, data, want_proba=top_k > 1)
     if top_k == 1:
-        columns[label_column] = model.predict(data.frame)
+        columns[label_column] = predictions.labels
     else:
-        ranked = _ranked_classes(model, data.frame, top_k)
+        ranked = _ranked_classes(model, None, top_k, predictions.proba)
         columns[label_column] = ranked[:, 0]
         columns.update({f"{label_column}_{rank + 1}": ranked[:, rank] for rank in range(1, ranked.shape[1])})
-    return pd.DataFrame(columns)
+    return pd.DataFrame(columns), predictions
 
 
 def _ranked_classes(model, X, k: int, proba: np.ndarray | None = None) -> np.ndarray:
@@ -210,12 +415,21 @@ def _predict_proba(model, X) -> np.ndarray:
 def run_extract(args: argparse.Namespace) -> None:
     from ..cache import EmbeddingCache
 
+    check_outputs([("--out", args.out)], [args.data, args.weights])
+    check_folder_option("--cache", args.cache)
     data = read_data(args.data, args, need_labels=False)
+    embedder = _embedder_from_args(args)
     cache = EmbeddingCache(args.cache)
+    embedder.set_params(cache=cache)
+    _resolve_embedder(embedder)
     before = cache.stats()  # the hit and miss counters belong to the process: count this run's
     start = time.perf_counter()
-    vectors = _embedder_from_args(args, cache).fit(data.frame).transform(data.frame)
+    present = embedder.transform(data.frame)
     seconds = time.perf_counter() - start
+    vectors = present
+    if data.absent is not None:  # the products whose image file is missing get a zero vector, as the embedder's
+        vectors = np.zeros((len(data.ids), present.shape[1]), dtype=present.dtype)
+        vectors[~data.absent] = present
     merged = cache.compact()  # one segment per backbone instead of one per flush: later opens read one file
     after = cache.stats()
     if args.out is not None:
@@ -224,6 +438,9 @@ def run_extract(args: argparse.Namespace) -> None:
         f"embedded {len(data.ids)} products ({data.n_pictures} pictures) with {args.backbone} in {seconds:.1f} s "
         f"({data.n_pictures / max(seconds, 1e-9):.1f} images/s): vectors of {vectors.shape[1]} features"
     )
+    empty = int((~vectors.any(axis=1)).sum())
+    if empty:
+        print(f"{empty} products had no usable picture and got a zero vector")
     print(
         f"cache {cache.directory}: {after['hits'] - before['hits']} hits, {after['misses'] - before['misses']} "
         f"misses; {after['items']} vectors ({after['bytes'] / 1e6:.1f} MB) on disk"
@@ -235,23 +452,37 @@ def run_extract(args: argparse.Namespace) -> None:
 
 # -- evaluate ---------------------------------------------------------------------------------------------------------
 def run_evaluate(args: argparse.Namespace) -> None:
+    check_outputs(
+        [("--json", args.json), ("--confusion", args.confusion)], [args.model, args.data, args.categories],
+        to_stdout=["--json"], image=["--confusion"],
+    )
+    check_folder_option("--cache", args.cache)
     model = _load_model(args.model)
     _apply_runtime_options(model, args)
     data = read_data(args.data, args, need_labels=True)
+    if data.absent is not None and not _can_answer_absent(model):
+        raise CommandError(
+            f"a {type(model).__name__} cannot answer the products whose image is missing: fix the paths in "
+            f"{args.data} instead of --on-missing drop"
+        )
     tree = read_tree(args.categories) if args.categories is not None else _model_tree(model)
     _check_labels_are_classes(data.labels, np.asarray(model.classes_), args.data, args.model)
     if tree is not None:
         check_leaves(data.labels, tree, f"labels of {args.data}")
         check_leaves(np.asarray(model.classes_), tree, f"classes of the model {args.model}")
-    scores, predicted = _scores(model, data, tree, args.top_k)
+    scores, predicted, predictions = _scores(model, data, tree, args.top_k)
     scores["model"] = args.model
+    out = _summary_stream(args.json)
     if args.confusion is not None:
         save_confusion(args.confusion, data.labels, predicted, tree)
         scores["confusion"] = args.confusion
-    print_scores(scores, tree)
+    print_scores(scores, tree, file=out)
+    if predictions.summary():
+        print(predictions.summary(), file=out)
     if args.json is not None:
         save(args.json, lambda f: f.write(json.dumps(scores, indent=2) + "\n"), mode="w")
-        print(f"wrote the scores to {args.json}")
+        if not is_stdout(args.json):
+            print(f"wrote the scores to {args.json}", file=out)
 
 
 def _model_tree(model):
@@ -275,31 +506,33 @@ def _check_labels_are_classes(labels: np.ndarray, classes: np.ndarray, data_path
         )
 
 
-def _scores(model, data: Data, tree, top_k: int) -> tuple[dict, np.ndarray]:
-    """The scores of ``model`` on ``data`` (a JSON-ready dict) and its predictions."""
+def _scores(model, data: Data, tree, top_k: int) -> tuple[dict, np.ndarray, _Predictions]:
+    """The scores of ``model`` on ``data`` (a JSON-ready dict), its predictions, and what they were made of."""
     from ..metrics import hierarchical_f1_score, level_accuracy_score
 
     labels = data.labels
     scores: dict = {"data": data.path, "n_products": len(labels)}
-    if hasattr(model, "predict_proba"):
-        proba = model.predict_proba(data.frame)
-        ranked = _ranked_classes(model, data.frame, top_k, proba)
+    predictions = _predict(model, data, want_proba=hasattr(model, "predict_proba"))
+    if predictions.proba is not None:
+        ranked = _ranked_classes(model, None, top_k, predictions.proba)
         predicted = ranked[:, 0]
         scores["top_k"] = ranked.shape[1]
         scores["top_k_accuracy"] = float((ranked == labels[:, None]).any(axis=1).mean())
     else:
-        predicted = model.predict(data.frame)
+        predicted = predictions.labels
     scores["accuracy"] = float(np.mean(predicted == labels))
+    scores["n_no_usable_picture"] = int(predictions.no_picture.sum())
     if tree is not None:
         scores["level_accuracy"] = [float(a) for a in level_accuracy_score(labels, predicted, tree=tree)]
         scores["hierarchical_f1"] = float(hierarchical_f1_score(labels, predicted, tree=tree))
-    return scores, predicted
+    return scores, predicted, predictions
 
 
 # -- demo -------------------------------------------------------------------------------------------------------------
 def run_demo(args: argparse.Namespace) -> None:
     from ..demo import run_demo as run_demo_recipe
 
+    check_folder_option("--workdir", args.workdir)
     result = run_demo_recipe(
         args.workdir, n_products=args.products, random_state=args.random_state, verbose=_progress(args)
     )

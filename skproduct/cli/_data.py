@@ -1,18 +1,29 @@
-"""Reading a command's data: a .bson or .csv catalogue, its labels and category tree; writing results atomically."""
+"""Reading a command's data: a .bson or .csv catalogue, its labels and category tree; checking and writing outputs.
+
+Every output path of a command is checked before its long work starts
+(:func:`check_outputs`): a folder, FIFO, socket or device is refused, a
+symbolic link is followed (its target is rewritten, the link kept), a missing
+parent folder is made at the write (its nearest existing ancestor must be a
+folder), and an output that is one of the command's inputs is refused. ``-``
+(or ``/dev/stdout``) writes a text output to stdout. Results are written
+atomically (:func:`save`): an error or Ctrl-C never leaves half a file.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 import numpy as np
 
-from . import CommandError
+from . import CommandError, is_skproduct_error
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -22,11 +33,21 @@ logger = logging.getLogger(__name__)
 # Kaggle's submission columns: Cdiscount's (BSON input) and Shopee's (CSV input).
 BSON_COLUMNS = ("_id", "category_id")
 CSV_COLUMNS = ("filename", "category")
+STDOUT = "-"
+_STDOUT_PATHS = ("/dev/stdout", "/dev/fd/1", "/proc/self/fd/1")  # written as "-": never renamed over
+#: The formats ``--confusion`` writes, by suffix (matplotlib's names).
+IMAGE_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".svg": "svg", ".pdf": "pdf"}
 
 
 @dataclass
 class Data:
-    """A catalogue read for a command: the frame the estimators take, its labels, and its submission columns."""
+    """A catalogue read for a command: the frame the estimators take, its labels, and its submission columns.
+
+    ``ids`` and ``labels`` cover every product of the file. ``frame`` holds the
+    products that have pictures to read; with ``--on-missing drop`` the rows
+    whose image file is missing are left out of it and marked in ``absent``
+    (``None`` when every product is in ``frame``).
+    """
 
     path: str
     frame: pd.DataFrame
@@ -34,28 +55,64 @@ class Data:
     ids: np.ndarray
     columns: tuple[str, str]  # the submission's id and label columns
     n_pictures: int
+    absent: np.ndarray | None = None
 
 
-def read_data(path: str, args: argparse.Namespace, *, need_labels: bool) -> Data:
-    """Read a .bson or .csv catalogue; with ``need_labels``, one without labels is a mistake."""
-    require_file(path, "data file", "pass a .bson file or a .csv file of images")
-    suffix = Path(path).suffix.lower()
+# -- reading ----------------------------------------------------------------------------------------------------------
+def read_data(path: str, args: argparse.Namespace, *, need_labels: bool, keep_every_product: bool = True) -> Data:
+    """Read a .bson or .csv catalogue; with ``need_labels``, one without labels is a mistake.
+
+    ``keep_every_product``: with ``--on-missing drop``, the rows whose image is
+    missing stay in ``ids`` (and ``labels``), marked in ``absent``, so that
+    every product gets an answer; otherwise (``fit``) they are dropped.
+    """
+    suffix = check_data_file(path)
     if suffix == ".bson":
-        data = _read_bson_data(path, need_labels)
-    elif suffix == ".csv":
-        data = _read_csv_data(path, args.images, args.label_column, need_labels)
+        data = _read_bson_data(path, need_labels, getattr(args, "on_truncated", "raise"))
     else:
-        raise CommandError(f"{path} is neither a .bson nor a .csv file: pass Cdiscount's BSON or a CSV of image names")
+        data = _read_csv_data(
+            path, args.images, args.label_column, need_labels, getattr(args, "on_missing", "raise"),
+            keep_every_product,
+        )
     logger.info("read %d products (%d pictures) from %s", len(data.ids), data.n_pictures, path)
+    if len(data.ids) == 0:
+        raise CommandError(f"{path} holds no products: pass a file with at least one")
     if need_labels and data.labels is None:
         raise CommandError(f"{path} has no labels (a test file?): this command needs a labelled file")
     return data
 
 
-def _read_bson_data(path: str, need_labels: bool) -> Data:
+def check_data_file(path: str) -> str:
+    """A data file exists and is a .bson or .csv file; returns its suffix."""
+    require_file(path, "data file", "pass a .bson file or a .csv file of images")
+    suffix = Path(path).suffix.lower()
+    if suffix not in (".bson", ".csv"):
+        raise CommandError(f"{path} is neither a .bson nor a .csv file: pass Cdiscount's BSON or a CSV of image names")
+    return suffix
+
+
+@contextlib.contextmanager
+def user_input(what: str) -> Iterator[None]:
+    """Around a call that interprets the user's input (a data file, a tree, the backbone options): a plain
+    ``ValueError`` or ``KeyError`` raised there is about that input, and becomes one line (``what: message``).
+
+    skproduct's own exception classes and scikit-learn's ``InvalidParameterError`` pass as they are (one line
+    already); every other exception passes too: a bug keeps its traceback.
+    """
+    try:
+        yield
+    except (ValueError, KeyError) as exc:
+        if is_skproduct_error(exc) or type(exc).__module__.startswith("sklearn."):
+            raise
+        detail = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        raise CommandError(f"{what}: {detail}") from exc
+
+
+def _read_bson_data(path: str, need_labels: bool, on_truncated: str) -> Data:
     from ..io import default_index_path, read_bson
 
-    products = read_bson(path, index_path=default_index_path(path))
+    with user_input(f"cannot read {path}"):
+        products = read_bson(path, index_path=default_index_path(path), on_truncated=on_truncated)
     missing = products["category_id"].isna()
     if need_labels and missing.any() and not missing.all():
         raise CommandError(
@@ -68,15 +125,15 @@ def _read_bson_data(path: str, need_labels: bool) -> Data:
     )
 
 
-def _read_csv_data(path: str, images: str | None, label_column: str | None, need_labels: bool) -> Data:
+def _check_csv(path: str, images: str | None, label_column: str | None, need_labels: bool) -> tuple[Path, str | None]:
+    """The cheap checks of a CSV input (its image folder, its columns); returns the folder and the label column."""
     import pandas as pd
-
-    from ..io import read_table
 
     root = Path(images) if images is not None else Path(path).parent / "images"
     if not root.is_dir():
         raise CommandError(f"no image folder at {root} for {path}: pass --images DIR, the folder that holds the images")
-    header = list(pd.read_csv(path, nrows=0).columns)
+    with user_input(f"cannot read {path}"):
+        header = list(pd.read_csv(path, nrows=0).columns)
     if CSV_COLUMNS[0] not in header:
         raise CommandError(f"{path} has no 'filename' column (columns: {header}): it must list image file names")
     label = label_column or CSV_COLUMNS[1]
@@ -84,9 +141,27 @@ def _read_csv_data(path: str, images: str | None, label_column: str | None, need
         if label_column is not None or need_labels:
             raise CommandError(f"{path} has no label column {label!r} (columns: {header}): pass --label-column NAME")
         label = None
-    table = read_table(path, root, label_column=label)
-    labels = None if label is None else table[label].to_numpy()
-    return Data(path, table, labels, table[CSV_COLUMNS[0]].to_numpy(), CSV_COLUMNS, len(table))
+    return root, label
+
+
+def _read_csv_data(
+    path: str, images: str | None, label_column: str | None, need_labels: bool, on_missing: str,
+    keep_every_product: bool,
+) -> Data:
+    from ..io import read_table
+
+    root, label = _check_csv(path, images, label_column, need_labels)
+    with user_input(f"cannot read {path}"):
+        table = read_table(path, root, label_column=label, on_missing=on_missing)
+        every = table
+        if keep_every_product and on_missing == "drop":
+            every = read_table(path, root, label_column=label, check=None)  # every row, nothing checked again
+    absent = None
+    if len(every) != len(table):  # the dropped rows keep their place: they get the prior's answer
+        absent = ~np.isin(np.arange(len(every)), table.index.to_numpy())
+    table = table.reset_index(drop=True)
+    labels = None if label is None else every[label].to_numpy()
+    return Data(path, table, labels, every[CSV_COLUMNS[0]].to_numpy(), CSV_COLUMNS, len(table), absent)
 
 
 def require_file(path: str, what: str, fix: str) -> None:
@@ -102,6 +177,10 @@ def read_tree(path: str):
         return CategoryTree.from_csv(path)
     except KeyError as exc:
         raise CommandError(f"{path} is not a category tree in Cdiscount's layout: {exc.args[0]}") from exc
+    except ValueError as exc:
+        if is_skproduct_error(exc):
+            raise
+        raise CommandError(f"{path} is not a category tree in Cdiscount's layout: {exc}") from exc
 
 
 def check_leaves(labels: np.ndarray, tree, what: str) -> None:
@@ -111,15 +190,115 @@ def check_leaves(labels: np.ndarray, tree, what: str) -> None:
         raise CommandError(f"{what}: {exc.args[0]}; pass the category tree they come from with --categories") from exc
 
 
+# -- outputs ----------------------------------------------------------------------------------------------------------
+def is_stdout(path: str | None) -> bool:
+    """Whether ``path`` means stdout: ``-``, or ``/dev/stdout`` (written to, never replaced)."""
+    return path is not None and (path == STDOUT or os.path.normpath(path) in _STDOUT_PATHS)
+
+
+def check_outputs(
+    outputs: Sequence[tuple[str, str | None]], inputs: Sequence[str | None] = (), *, to_stdout: Sequence[str] = (),
+    image: Sequence[str] = (),
+) -> None:
+    """Refuse, before any work, an output the command could not write at the end.
+
+    Parameters
+    ----------
+    outputs : sequence of (option, path)
+        The command's outputs (``path`` ``None`` when the option is not given).
+    inputs : sequence of str
+        The files the command reads: an output may not replace one.
+    to_stdout : sequence of str
+        The options that may be ``-`` (stdout); the others may not.
+    image : sequence of str
+        The options whose suffix names an image format (:data:`IMAGE_FORMATS`).
+    """
+    from .._files import resolve_file_target
+
+    read = {os.path.realpath(p) for p in inputs if p is not None and os.path.exists(p)}
+    seen: dict[str, str] = {}
+    for option, path in outputs:
+        if path is None:
+            continue
+        if is_stdout(path):
+            if option not in to_stdout:
+                raise CommandError(f"{option} {path}: this output cannot go to stdout: pass a file path")
+            continue
+        if option in image:
+            image_format(path, option)
+        try:
+            target = resolve_file_target(path)
+        except (IsADirectoryError, ValueError) as exc:  # a folder, FIFO, socket or device: nothing is written
+            raise CommandError(f"{option} {exc}") from exc
+        except OSError as exc:  # a part of the path is a file, a link loop...
+            _check_folder_for(Path(os.path.abspath(path)), option, path)
+            raise CommandError(f"{option} {path}: {exc.strerror or exc}: pass a path in a folder") from exc
+        if str(target) in read:
+            raise CommandError(f"{option} {path} is a file this command reads: pass another path for the output")
+        if str(target) in seen:
+            raise CommandError(f"{seen[str(target)]} and {option} name the same file {path}: pass two paths")
+        seen[str(target)] = option
+        _check_folder_for(target, option, path)
+
+
+def _check_folder_for(target: Path, option: str, given: str) -> None:
+    """The folder of ``target`` exists or can be made (its nearest existing ancestor is a writable folder)."""
+    ancestor = target.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise CommandError(f"{option} {given}: {ancestor} is a file, not a folder: pass a path in a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise CommandError(
+            f"{option} {given}: the folder {ancestor} cannot be written (permission denied): pass a path in a folder "
+            "you can write"
+        )
+
+
+def check_folder_option(option: str, path: str | None) -> None:
+    """A folder option (``--cache``, ``--workdir``): a folder or nothing yet, never a file."""
+    if path is None:
+        return
+    folder = Path(path).expanduser()
+    ancestor = folder
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        shown = path if ancestor == folder else f"{path} ({ancestor} is a file)"
+        raise CommandError(f"{option} {shown} is not a folder: pass a folder (it is made when missing)")
+
+
+def image_format(path: str, option: str = "--confusion") -> str:
+    """The matplotlib format that the suffix of ``path`` names; an unknown suffix is refused."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in IMAGE_FORMATS:
+        raise CommandError(
+            f"{option} {path}: the suffix {suffix or '(none)'!s} names no image format this command writes: "
+            f"end the name with one of {', '.join(IMAGE_FORMATS)}"
+        )
+    return IMAGE_FORMATS[suffix]
+
+
 def save(path: str, write: Callable[[IO], None], mode: str = "wb") -> None:
     """Write ``path`` atomically (:func:`~skproduct._files.atomic_write`): ``write`` gets the open temporary file.
 
-    A crash never leaves half a file, a symbolic link is followed, and a
-    folder, FIFO or device is refused before anything is written.
+    A crash or Ctrl-C never leaves half a file, a symbolic link is followed,
+    and a folder, FIFO or device is refused before anything is written. A
+    missing parent folder is made. ``-`` (or ``/dev/stdout``) writes to stdout
+    instead. A write that fails (a full disk) is one line naming the file.
     """
     from .._files import atomic_write
 
+    if is_stdout(path):
+        stream = sys.stdout if "b" not in mode else sys.stdout.buffer
+        write(stream)
+        stream.flush()
+        return
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(target, mode, **({"newline": ""} if "b" not in mode else {})) as f:
-        write(f)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(target, mode, **({"newline": ""} if "b" not in mode else {})) as f:
+            write(f)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise CommandError(f"could not write {path} ({reason}); nothing was written there") from exc

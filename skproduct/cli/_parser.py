@@ -5,12 +5,17 @@ from __future__ import annotations
 import argparse
 
 from . import CommandError
+from ._cache_command import add_cache_command
 from ._commands import run_demo, run_evaluate, run_extract, run_fit, run_predict
 
 HEADS = ("logistic", "linear", "lgbm", "hierarchical", "finetune")
 LOCAL_ESTIMATORS = ("logistic", "linear", "lgbm")
 STRATEGIES = ("per_parent", "per_level", "flat")
 ON_ERROR = ("raise", "skip", "blank")
+ON_TRUNCATED = ("raise", "warn")
+ON_MISSING = ("raise", "drop")
+TRUSTED_MODELS = """Model files are joblib pickles: loading one runs the code it holds, so load
+only model files from a trusted source (such as your own 'skproduct fit')."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -37,12 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"skproduct {__version__}")
+    # -v and -q before the command too ("skproduct -v predict ..."); main merges them with the command's own.
+    parser.add_argument("-v", "--verbose", dest="verbose_first", action="store_true", help="as a command's -v")
+    parser.add_argument("-q", "--quiet", dest="quiet_first", action="store_true", help="as a command's -q")
     commands = parser.add_subparsers(title="commands", dest="command", required=True, metavar="COMMAND")
     _add_fit(commands)
     _add_predict(commands)
     _add_extract(commands)
     _add_evaluate(commands)
     _add_demo(commands)
+    add_cache_command(commands, _add_command)
     return parser
 
 
@@ -53,6 +62,16 @@ def _positive_int(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {text!r}")
     return value
 
 
@@ -77,6 +96,18 @@ def _data_options() -> argparse.ArgumentParser:
     group.add_argument(
         "--label-column", metavar="NAME",
         help="the CSV's label column (default: 'category' when the CSV has one); BSON labels are 'category_id'",
+    )
+    problems = parent.add_argument_group("data (damaged input)")
+    problems.add_argument(
+        "--on-truncated", choices=ON_TRUNCATED, default="raise",
+        help="a .bson file that ends inside a product (an interrupted download): stop, or keep the whole products "
+        "before the cut, with a warning (default: %(default)s)",
+    )
+    problems.add_argument(
+        "--on-missing", choices=ON_MISSING, default="raise",
+        help="CSV rows whose image file is missing or unreadable: stop, or go on with a warning: 'fit' leaves them "
+        "out, 'predict' and 'evaluate' answer them from the training prior, 'extract' gives them a zero vector "
+        "(default: %(default)s)",
     )
     return parent
 
@@ -119,7 +150,7 @@ def _runtime_options(on_error: str, cache_required: bool = False) -> argparse.Ar
         help="pictures per forward pass (default: the model's; 64 for a new embedder)",
     )
     group.add_argument(
-        "--num-workers", type=int, metavar="N", help="processes that decode pictures (default: 0, in the main one)"
+        "--num-workers", type=_non_negative_int, metavar="N", help="processes that decode pictures (default: 0, in the main one)"
     )
     group.add_argument(
         "--on-error", choices=ON_ERROR, default=on_error,
@@ -179,22 +210,26 @@ examples:
 def _add_predict(commands) -> None:
     parser = _add_command(
         commands, "predict", "write a Kaggle submission for unlabelled pictures",
-        """Predict every product of TEST and write a Kaggle submission.
+        f"""Predict every product of TEST and write a Kaggle submission.
 
 BSON input gives Cdiscount's _id,category_id; CSV input gives Shopee's
 filename,category (labels such as "03" stay as they are). One row per product,
-in input order; a picture that does not decode is skipped (--on-error), so no
-product is ever dropped. --top-k K adds category_id_2..K (or category_2..K),
-the next most probable classes.
+in input order, every product: a picture that does not decode is skipped
+(--on-error), and a product without a usable picture (with --on-missing drop:
+a CSV row whose image file is missing) is predicted from the training prior and
+counted in the summary. --top-k K adds category_id_2..K (or category_2..K),
+the next most probable classes. --out - writes the submission to stdout.
+
+{TRUSTED_MODELS}
 
 examples:
   skproduct predict model.joblib test.bson --out submission.csv --top-k 3
   skproduct predict model.joblib test.csv --images test_images --out submission.csv""",
         [_data_options(), _runtime_options(on_error="skip")],
     )
-    parser.add_argument("model", metavar="MODEL", help="a model saved by 'skproduct fit'")
+    parser.add_argument("model", metavar="MODEL", help="a model saved by 'skproduct fit' (from a trusted source)")
     parser.add_argument("test", metavar="TEST", help="a .bson file, or a .csv file of images")
-    parser.add_argument("--out", required=True, metavar="FILE", help="the submission CSV to write")
+    parser.add_argument("--out", required=True, metavar="FILE", help="the submission CSV to write ('-': stdout)")
     parser.add_argument(
         "--top-k", type=_positive_int, default=1, metavar="K",
         help="write the K most probable classes per product (default: %(default)s)",
@@ -223,24 +258,30 @@ example:
 def _add_evaluate(commands) -> None:
     parser = _add_command(
         commands, "evaluate", "score a model on labelled pictures",
-        """Score MODEL on the labelled DATA: leaf accuracy, top-k accuracy and, with a
+        f"""Score MODEL on the labelled DATA: leaf accuracy, top-k accuracy and, with a
 category tree (--categories, or the one the model was fitted with), the accuracy
 at every level and the hierarchical F1. --confusion saves the confusion matrix
-of the top-level categories (without a tree: of the classes) as a PNG.
+of the top-level categories (without a tree: of the classes) as an image, in
+the format its suffix names (.png, .jpg, .svg, .pdf). --json - writes the
+scores to stdout (the table then goes to stderr).
+
+{TRUSTED_MODELS}
 
 example:
   skproduct evaluate model.joblib valid.bson --categories category_names.csv \\
       --confusion confusion.png --json scores.json""",
         [_data_options(), _runtime_options(on_error="skip")],
     )
-    parser.add_argument("model", metavar="MODEL", help="a model saved by 'skproduct fit'")
+    parser.add_argument("model", metavar="MODEL", help="a model saved by 'skproduct fit' (from a trusted source)")
     parser.add_argument("data", metavar="DATA", help="a labelled .bson file, or a .csv file of images")
     parser.add_argument("--categories", metavar="CSV", help="the category tree, as Cdiscount's category_names.csv")
     parser.add_argument(
         "--top-k", type=_positive_int, default=5, metavar="K", help="k of the top-k accuracy (default: %(default)s)"
     )
-    parser.add_argument("--confusion", metavar="PNG", help="save the confusion matrix as this PNG")
-    parser.add_argument("--json", metavar="FILE", help="also write the scores as JSON")
+    parser.add_argument(
+        "--confusion", metavar="IMAGE", help="save the confusion matrix as this .png, .jpg, .svg or .pdf file"
+    )
+    parser.add_argument("--json", metavar="FILE", help="also write the scores as JSON ('-': stdout)")
     parser.set_defaults(run=run_evaluate)
 
 

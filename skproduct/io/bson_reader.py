@@ -7,6 +7,7 @@ import os
 import pandas as pd
 
 from .bson_refs import BsonImagesArray
+from .bson_scan import empty_file_error
 from .bson_sidecar import load_index
 
 _ON_TRUNCATED = ("raise", "warn")
@@ -63,9 +64,9 @@ def read_bson(
     Raises
     ------
     BsonFormatError
-        The file is not BSON, or a document does not decode, or a product has
-        no picture. The message names the file, the byte offset and the
-        product's position.
+        The file is not BSON, or is empty (0 bytes), or a document does not
+        decode, or a product has no picture. The message names the file, the
+        byte offset and the product's position.
     BsonTruncatedError
         The file ends inside a document and ``on_truncated="raise"``.
     IsADirectoryError, ValueError
@@ -92,6 +93,8 @@ def read_bson(
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no BSON file at {path!r}")
+    if os.path.getsize(path) == 0:  # before any sidecar: an empty file is never a catalogue
+        raise empty_file_error(path)
     index = load_index(path, on_truncated=on_truncated, index_path=index_path, rebuild=rebuild_index)
     category = pd.arrays.IntegerArray(index.category_id, ~index.has_category)
     images = BsonImagesArray.from_index(

@@ -113,7 +113,7 @@ def scan_bson(path: str | os.PathLike, *, on_truncated: str = "raise") -> BsonIn
     Raises
     ------
     BsonFormatError
-        When a document is malformed.
+        When a document is malformed, or the file is empty (0 bytes).
     BsonTruncatedError
         When the file ends inside a document and ``on_truncated="raise"``.
     """
@@ -138,6 +138,8 @@ def _scan(path: str, on_truncated: str, parse_batch: BatchParser) -> tuple[BsonI
         and the file ends inside a document.
     """
     size = os.path.getsize(path)
+    if size == 0:
+        raise empty_file_error(path)
     batches, doc_offsets = [], []
     truncation = None
     with open(path, "rb", buffering=0) as f:
@@ -261,6 +263,13 @@ def warn_truncated(path: str, offset: int, n_kept: int, reason: str) -> None:
     message = f"{path}: {reason} at byte offset {offset}; kept the {n_kept} whole products before it"
     warnings.warn(message, UserWarning, stacklevel=5)  # the caller of read_bson
     logger.warning(message)
+
+
+def empty_file_error(path: str) -> BsonFormatError:
+    """The error for a zero-length file: no BSON file of products is empty (an interrupted download or copy?)."""
+    return BsonFormatError(
+        path, 0, 0, "the file is empty (0 bytes), not a BSON file of products (an interrupted download or copy?)"
+    )
 
 
 def truncated_error(path: str, offset: int, n_kept: int, reason: str) -> BsonTruncatedError:

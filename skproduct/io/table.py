@@ -49,8 +49,10 @@ def read_table(
     label_column : str or None, default="category"
         The label column. Labels are kept exactly as written, as strings
         (Shopee's ``"03"`` stays ``"03"``). ``None``, or the default when the
-        CSV has no ``category`` column, reads an unlabelled table; any other
-        name must be a column of the CSV.
+        CSV has no ``category`` column, reads an unlabelled table (images
+        then are looked for without a folder per label, and the error about
+        missing images says that the column is absent); any other name must be
+        a column of the CSV.
     layout : {"auto", "flat", "by_label"}, default="auto"
         ``"flat"``: ``image_root/<filename>``; ``"by_label"``:
         ``image_root/<label>/<filename>``; ``"auto"``: per row, the per-label
@@ -61,7 +63,8 @@ def read_table(
         ``None`` checks nothing.
     on_missing : {"raise", "drop"}, default="raise"
         Raise :class:`~skproduct.exceptions.MissingImagesError` naming the
-        count and the first bad rows, or drop those rows with a warning.
+        count and the first bad rows, or drop those rows with a warning (the
+        rows kept keep their row numbers in the CSV as the index).
     image_column : str, default="image"
         Name of the column of resolved paths that is added.
 
@@ -118,6 +121,12 @@ def read_table(
 
     if problems:
         message = _describe_problems(csv_path, image_root, len(table), problems)
+        if label_column is not None and not has_labels:  # the default column is absent: say what that changed
+            message += (
+                f" ({csv_path} has no label column {label_column!r} (columns: {list(header)}), so every image was "
+                f"looked for directly under {image_root}, not in a folder per label; pass label_column= to name "
+                "its label column)"
+            )
         if on_missing == "raise":
             raise MissingImagesError(message + "; fix the paths or pass on_missing='drop'", problems)
         warnings.warn(message + "; dropped those rows", UserWarning, stacklevel=2)

@@ -26,9 +26,11 @@ from .hierarchical import hierarchical_f1_score, hierarchical_precision_score, h
 from .levels import level_accuracy_score, majority_level_accuracy
 from .scorers import _TopKScorer as _TopKScorer  # kept here so scorers pickled as skproduct.metrics._TopKScorer load
 from .scorers import make_hierarchical_scorer, make_hierarchical_scorers
+from .severity import MistakeSeverity, mistake_severity, tree_distance
 from .top_k import top_k_accuracy_score
 
 __all__ = [
+    "MistakeSeverity",
     "hierarchical_f1_score",
     "hierarchical_precision_score",
     "hierarchical_recall_score",
@@ -36,5 +38,7 @@ __all__ = [
     "majority_level_accuracy",
     "make_hierarchical_scorer",
     "make_hierarchical_scorers",
+    "mistake_severity",
     "top_k_accuracy_score",
+    "tree_distance",
 ]

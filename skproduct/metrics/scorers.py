@@ -10,11 +10,12 @@ from ..taxonomy import CategoryTree, _check_level
 from ._checks import _check_average, _check_tree
 from .hierarchical import hierarchical_f1_score, hierarchical_precision_score, hierarchical_recall_score
 from .levels import level_accuracy_score
+from .severity import mistake_severity
 from .top_k import top_k_accuracy_score
 
 __all__ = ["make_hierarchical_scorer", "make_hierarchical_scorers"]
 
-_SCORER_METRICS = ("precision", "recall", "f1", "accuracy", "top_k_accuracy")
+_SCORER_METRICS = ("precision", "recall", "f1", "accuracy", "top_k_accuracy", "mistake_severity")
 
 
 class _TopKScorer:
@@ -60,12 +61,15 @@ def make_hierarchical_scorer(
     ----------
     tree : CategoryTree
         The category tree of the estimator's leaf labels.
-    metric : {"f1", "precision", "recall", "accuracy", "top_k_accuracy"}, default="f1"
+    metric : {"f1", "precision", "recall", "accuracy", "top_k_accuracy", "mistake_severity"}, default="f1"
         ``"f1"``, ``"precision"`` and ``"recall"`` are the hierarchical scores
         (from ``predict``); ``"accuracy"`` is :func:`level_accuracy_score` at
         ``level`` (from ``predict``); ``"top_k_accuracy"`` is
         :func:`top_k_accuracy_score` at ``level`` (from ``predict_proba``,
-        whose columns follow the estimator's ``classes_``).
+        whose columns follow the estimator's ``classes_``);
+        ``"mistake_severity"`` is the mean tree distance over all predictions
+        (:func:`mistake_severity`'s ``overall``), negated as scikit-learn
+        negates losses (``neg_mean_squared_error``), so greater is better.
     average : {"micro", "macro"}, default="micro"
         For the hierarchical scores.
     level : int, optional
@@ -115,12 +119,18 @@ def make_hierarchical_scorer(
             "f1": hierarchical_f1_score,
         }[metric]
         return make_scorer(score_func, tree=tree, average=average)
+    if metric == "mistake_severity":
+        return make_scorer(_overall_severity, greater_is_better=False, tree=tree)
     index = tree.depth - 1 if level is None else _check_level(level, tree.depth)
     if metric == "accuracy":
         return make_scorer(level_accuracy_score, tree=tree, level=index)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
     return _TopKScorer(int(k), tree, index)
+
+
+def _overall_severity(y_true, y_pred, *, tree, sample_weight=None) -> float:
+    return mistake_severity(y_true, y_pred, tree=tree, sample_weight=sample_weight).overall
 
 
 def make_hierarchical_scorers(tree: CategoryTree, *, top_k: int | None = None) -> dict[str, Any]:
