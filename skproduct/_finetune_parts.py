@@ -58,7 +58,7 @@ def training_transform(preprocessing: Preprocessing):
 
     return transforms.Compose(
         [
-            transforms.RandomResizedCrop(preprocessing.image_size, scale=(0.5, 1.0)),
+            transforms.RandomResizedCrop(preprocessing.input_size, scale=(0.5, 1.0)),  # (height, width)
             transforms.RandomHorizontalFlip(),
             transforms.RandomAffine(degrees=15, translate=(0.1, 0.1), fill=255),  # catalogue photos: white ground
             transforms.ToTensor(),
@@ -231,7 +231,7 @@ def train_network(est, network: ClassifierNetwork, refs: list, owner: np.ndarray
 
     rows = np.flatnonzero(np.isin(owner, train))
     dataset = ImageDataset(
-        [refs[i] for i in rows], est._training_transform(), est.on_error, est.preprocessing_.image_size,
+        [refs[i] for i in rows], est._training_transform(), est.on_error, est.preprocessing_.input_size,
         est.preprocessing_.draft_size, compact=est.num_workers > 0,
     )
     first_epoch = len(est.history_)

@@ -313,7 +313,7 @@ class ImageEmbedder(ImageEstimatorMixin, ClassNamePrefixFeaturesOutMixin, Transf
                 return size
         from .image_pipeline.data import feature_size
 
-        return feature_size(self._model(device), self.preprocessing_.image_size)
+        return feature_size(self._model(device), self.preprocessing_.input_size)
 
     # -- persistence -------------------------------------------------------------
     def __getstate__(self):

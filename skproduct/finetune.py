@@ -488,7 +488,7 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassNamePrefixFeaturesOutMixin, C
             image_size=self.image_size, seed=self.random_state,
         )
         if not hasattr(self, "n_features_out_") or self._network_state is None:
-            self.n_features_out_ = feature_size(backbone, self.preprocessing_.image_size)
+            self.n_features_out_ = feature_size(backbone, self.preprocessing_.input_size)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.random_state)
             network = ClassifierNetwork(

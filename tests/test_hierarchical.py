@@ -56,7 +56,7 @@ def test_strategies_learn_the_tree(tree, strategy):
 def test_per_parent_fits_nothing_for_single_children():
     tree = CategoryTree.from_paths([("A", "a", "1"), ("A", "a", "2"), ("B", "b", "3")], leaves=[1, 2, 3])
     X, y = _hierarchical_data(tree, 120)
-    model = HierarchicalClassifier(tree=tree).fit(X, y)
+    model = HierarchicalClassifier(tree=tree, strategy="per_parent").fit(X, y)
     # the root chooses A or B; node ("A","a") chooses 1 or 2; the single-child nodes A and B, ("B","b") fit nothing
     assert sorted(model.local_estimators_) == [(0, -1), (2, 0)]
 
@@ -64,7 +64,7 @@ def test_per_parent_fits_nothing_for_single_children():
 def test_unseen_leaves_and_one_class_nodes(tree):
     X, y = _hierarchical_data(tree, 600)
     seen = np.isin(y, tree.leaves[:7])  # leaves 0-6: the first top node is seen fully, the second in part
-    model = HierarchicalClassifier(tree=tree).fit(X[seen], y[seen])
+    model = HierarchicalClassifier(tree=tree, strategy="per_parent").fit(X[seen], y[seen])
     assert list(model.classes_) == list(tree.leaves)
     assert set(model.predict(X)) <= set(tree.leaves[:7])
     one_class_nodes = [m for m in model.local_estimators_.values() if isinstance(m, int)]
@@ -102,8 +102,8 @@ def test_flat_without_tree_is_a_plain_classifier():
 
 def test_n_jobs_sample_weight_and_estimator_per_level(tree):
     X, y = _hierarchical_data(tree, 600)
-    serial = HierarchicalClassifier(tree=tree).fit(X, y)
-    parallel = HierarchicalClassifier(tree=tree, n_jobs=2).fit(X, y)
+    serial = HierarchicalClassifier(tree=tree, strategy="per_parent").fit(X, y)
+    parallel = HierarchicalClassifier(tree=tree, strategy="per_parent", n_jobs=2).fit(X, y)
     np.testing.assert_allclose(serial.predict_proba(X), parallel.predict_proba(X))
 
     weights = np.where(y == tree.leaves[0], 0.0, 1.0)
@@ -113,7 +113,8 @@ def test_n_jobs_sample_weight_and_estimator_per_level(tree):
     assert np.mean(weighted.predict(X) == dropped.predict(X)) > 0.97
 
     mixed = HierarchicalClassifier(
-        {0: LGBMClassifier(n_estimators=15, verbose=-1), 2: LogisticRegression(C=0.5, max_iter=500)}, tree=tree
+        {0: LGBMClassifier(n_estimators=15, verbose=-1), 2: LogisticRegression(C=0.5, max_iter=500)}, tree=tree,
+        strategy="per_parent",
     ).fit(X, y)
     assert isinstance(mixed.local_estimators_[(0, -1)], LGBMClassifier)
     assert isinstance(mixed.local_estimators_[(1, 0)], LogisticRegression)

@@ -10,7 +10,7 @@ from ._commands import run_demo, run_evaluate, run_extract, run_fit, run_predict
 
 HEADS = ("logistic", "linear", "lgbm", "hierarchical", "finetune")
 LOCAL_ESTIMATORS = ("logistic", "linear", "lgbm")
-STRATEGIES = ("per_parent", "per_level", "flat")
+STRATEGIES = ("per_level", "per_parent", "flat")
 ON_ERROR = ("raise", "skip", "blank")
 ON_TRUNCATED = ("raise", "warn")
 ON_MISSING = ("raise", "drop")
@@ -196,7 +196,7 @@ examples:
         help="with --head hierarchical: the classifier at each node or level (default: %(default)s)",
     )
     head.add_argument(
-        "--strategy", choices=STRATEGIES, default="per_parent",
+        "--strategy", choices=STRATEGIES, default="per_level",
         help="with --head hierarchical: one classifier per parent node, per level, or one flat one "
         "(default: %(default)s)",
     )

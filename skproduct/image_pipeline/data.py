@@ -76,13 +76,15 @@ class ImageDataset(Dataset):
     """
 
     def __init__(
-        self, refs: list, transform, on_error: str, image_size: int, draft_size: int | None, compact: bool = False
+        self, refs: list, transform, on_error: str, image_size: int | tuple[int, int], draft_size: int | None,
+        compact: bool = False,
     ):
         self.refs = CompactRefs.pack(refs) if compact else refs
         self.transform = transform
         self.draft_size = draft_size
-        self.policy = BadImagePolicy(on_error, blank_size=(image_size, image_size))
-        self.image_size = image_size
+        # (height, width) of the network's input: a skipped picture's placeholder has the transform's output shape
+        self.input_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        self.policy = BadImagePolicy(on_error, blank_size=self.input_size[::-1])
 
     def __len__(self) -> int:
         return len(self.refs)
@@ -93,7 +95,7 @@ class ImageDataset(Dataset):
         image = self.policy.load(self.refs[i], draft_size=self.draft_size)
         decoded = self.policy.n_failed == failed_before
         if image is None:
-            return torch.zeros(3, self.image_size, self.image_size), False, False, i
+            return torch.zeros(3, *self.input_size), False, False, i
         return self.transform(image), True, decoded, i
 
 
@@ -147,7 +149,7 @@ def image_batches(
         )
 
 
-def feature_size(module: torch.nn.Module, image_size: int) -> int:
+def feature_size(module: torch.nn.Module, image_size: int | tuple[int, int]) -> int:
     """The size of the vectors a backbone returns, read from the model (timm's ``head_hidden_size`` or
     ``num_features``, open_clip's ``output_dim``); a one-image forward only for a module that says neither."""
     for name in ("head_hidden_size", "num_features", "output_dim"):
@@ -155,7 +157,8 @@ def feature_size(module: torch.nn.Module, image_size: int) -> int:
         if isinstance(size, int) and size > 0:
             return size
     parameter = next(module.parameters(), None)
-    probe = torch.zeros(1, 3, image_size, image_size, device=None if parameter is None else parameter.device)
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    probe = torch.zeros(1, 3, height, width, device=None if parameter is None else parameter.device)
     with torch.inference_mode():
         return int(module(probe).shape[1])
 
@@ -181,7 +184,7 @@ def run_module(
     from tqdm.auto import tqdm
 
     dataset = ImageDataset(
-        refs, preprocessing.transform(), on_error, preprocessing.image_size, preprocessing.draft_size,
+        refs, preprocessing.transform(), on_error, preprocessing.input_size, preprocessing.draft_size,
         compact=num_workers > 0,
     )
     progress = tqdm(total=len(refs), unit="img", disable=not verbose, desc=desc)
