@@ -56,7 +56,7 @@ class TorchLinearClassifier(VersionStampMixin, ClassifierMixin, BaseEstimator):
         Rows per minibatch (capped at the number of training rows).
     max_iter : int, default=100
         Most epochs (passes over the training rows), as scikit-learn's ``MLPClassifier`` names it.
-    tol : float, default=1e-4
+    tol : float, default=1e-3
         Smallest improvement that counts: a fall of the training loss (the mean objective over an
         epoch) or, with ``early_stopping``, of the validation loss.
     n_iter_no_change : int, default=5
@@ -171,7 +171,7 @@ class TorchLinearClassifier(VersionStampMixin, ClassifierMixin, BaseEstimator):
         learning_rate=1e-2,
         batch_size=1024,
         max_iter=100,
-        tol=1e-4,
+        tol=1e-3,
         n_iter_no_change=5,
         early_stopping=False,
         validation_fraction=0.1,
