@@ -270,10 +270,6 @@ class LearningRateSchedule(Part):
 
         trainer.learning_rate_at = at
 
-    def epoch_peak(self, trainer: Trainer) -> float:
-        """The highest learning rate of the current epoch."""
-        return max(trainer.learning_rate_at(s) for s in range(self.steps_per_epoch))
-
 
 class Progress(Part):
     """A progress bar (when ``verbose``) and one INFO log line per epoch.

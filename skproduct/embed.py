@@ -205,36 +205,28 @@ class ImageEmbedder(ImageEstimatorMixin, ClassNamePrefixFeaturesOutMixin, Transf
             return
         key = self._call_fingerprint(precision)
         keys, readable = self._keys(refs)
-        good = np.flatnonzero(readable)
+        good, bad = np.flatnonzero(readable), np.flatnonzero(~readable)
         unique, first, inverse = np.unique(keys[good], return_index=True, return_inverse=True)
+        # One table: a row per distinct readable picture, then one per unreadable picture (no key, never cached).
+        table = np.zeros((len(unique) + len(bad), self.n_features_out_), dtype=np.float32)
+        table_used = np.ones(len(table), dtype=bool)
         unique_vectors, found = cache.get(key, unique)
-        table = np.zeros((len(unique), self.n_features_out_), dtype=np.float32)
-        table_used = np.ones(len(unique), dtype=bool)
         if found.any():
-            table[found] = unique_vectors
+            table[np.flatnonzero(found)] = unique_vectors
         missing = np.flatnonzero(~found)
         if len(missing):
             self._extract_into(
                 [refs[good[first[m]]] for m in missing], table, table_used, missing, cache, key, unique[missing],
                 device, precision,
             )
-        vectors = np.zeros((len(refs), self.n_features_out_), dtype=np.float32) if len(good) < len(refs) else None
-        used = np.ones(len(refs), dtype=bool)
-        if vectors is not None:  # unreadable pictures have no key: the policy decides, nothing is cached
-            bad = np.flatnonzero(~readable)
-            for positions, batch_vectors, batch_used, _ in self._batches([refs[b] for b in bad], device, precision):
-                vectors[bad[positions]], used[bad[positions]] = batch_vectors, batch_used
-        place = np.full(len(refs), -1)
-        place[good] = inverse
+        if len(bad):  # the bad-image policy decides what these give
+            for positions, vectors, used, _ in self._batches([refs[b] for b in bad], device, precision):
+                table[len(unique) + positions], table_used[len(unique) + positions] = vectors, used
+        place = np.empty(len(refs), dtype=np.int64)
+        place[good], place[bad] = inverse, len(unique) + np.arange(len(bad))
         for start in range(0, len(refs), _POOL_BLOCK):
-            positions = np.arange(start, min(start + _POOL_BLOCK, len(refs)))
-            rows = place[positions]
-            block = table[np.maximum(rows, 0)]
-            block_used = table_used[np.maximum(rows, 0)]
-            if vectors is not None:
-                unread = rows < 0
-                block[unread], block_used[unread] = vectors[positions[unread]], used[positions[unread]]
-            yield positions, block, block_used
+            rows = place[start : start + _POOL_BLOCK]
+            yield np.arange(start, start + len(rows)), table[rows], table_used[rows]
 
     def _keys(self, refs: list) -> tuple[np.ndarray, np.ndarray]:
         """Content keys of the pictures, and which pictures could be read at all."""

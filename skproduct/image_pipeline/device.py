@@ -7,8 +7,8 @@
   saved there) is replaced by the CPU, with a
   :class:`~skproduct.exceptions.DeviceFallbackWarning`.
 - ``precision="auto"``: bf16 on CUDA devices that support it, fp16 on older
-  CUDA devices, fp32 on CPUs (the accelerated-extraction work may pick bf16 on
-  CPUs with native bf16, which :func:`cpu_has_native_bf16` detects).
+  CUDA devices, fp32 on CPUs (the one place where the accelerated-extraction work
+  will pick bf16 on CPUs with native bf16).
   ``"bf16"`` runs on CUDA and on CPUs (autocast); ``"fp16"`` needs CUDA.
 - The precision chosen at fit is part of what the model computes (and of an
   embedder's cache fingerprint): a later call keeps it wherever the device can
@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 from ..exceptions import DeviceFallbackWarning, DeviceUnavailableError
@@ -25,7 +24,6 @@ from ..exceptions import DeviceFallbackWarning, DeviceUnavailableError
 __all__ = [
     "DeviceUnavailableError",
     "autocast_dtype",
-    "cpu_has_native_bf16",
     "device_available",
     "parse_device",
     "precision_for_call",
@@ -100,17 +98,6 @@ def resolve_device(device: str, *, inherited: bool = False):
         f"device={device!r} was asked for but this machine has no such device "
         f"(CUDA devices: {torch.cuda.device_count()}): pass device='cpu' or 'auto'"
     )
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AMX-BF16 or AVX512-BF16), read from ``/proc/cpuinfo``."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def resolve_precision(precision: str, device) -> str:
