@@ -67,9 +67,11 @@ def upgrade_torch_linear_state(state: dict) -> dict:
     Examples
     --------
     >>> upgrade_torch_linear_state({"max_epochs": 5})
-    {'max_iter': 5}
+    {'max_iter': 5, 'precision': 'fp32'}
     """
-    return _renamed(state, _TORCH_LINEAR_RENAMES)
+    state = _renamed(state, _TORCH_LINEAR_RENAMES)
+    state.setdefault("precision", "fp32")  # before 0.1 the training matmuls always ran in float32
+    return state
 
 
 @functools.cache

@@ -47,7 +47,9 @@ def test_an_old_embedder_loads_and_reads_its_old_cache_without_recomputing(pictu
                                rtol=1e-5, atol=1e-6)
 
     monkeypatch.setattr(embed, "build_backbone", lambda *a, **k: pytest.fail("the old cache was recomputed"))
-    fresh = embed.ImageEmbedder("timm:test_resnet", pretrained=False, image_size=32, cache=tmp_path / "cache")
+    # precision pinned: the old cache is fp32, and "auto" picks bf16 on CPUs with native bf16 (a new fingerprint)
+    fresh = embed.ImageEmbedder("timm:test_resnet", pretrained=False, image_size=32, cache=tmp_path / "cache",
+                                precision="fp32")
     np.testing.assert_array_equal(fresh.fit(pictures).fingerprint_, RECORD["fingerprint"])
     np.testing.assert_array_equal(fresh.transform(pictures), np.load(FORMAT0 / "embedder_vectors.npy"))
 

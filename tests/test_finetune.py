@@ -494,3 +494,26 @@ def test_a_lambda_augment_cannot_name_a_checkpoint(fashion, tmp_path):
         small = train.groupby("category_id").head(2)
         model.fit(small, small["category_id"].to_numpy())
     assert not list(tmp_path.iterdir())
+
+
+def test_learning_rate_auto_depends_on_the_starting_weights_and_the_batch(fashion, tmp_path):
+    """From random weights "auto" trains at 1e-2, from a weights file at 1e-3, both scaled by sqrt(batch / 32)."""
+    import torch
+
+    from skproduct.backbones import build_backbone, parse_backbone
+
+    train, _ = fashion
+    small = train.groupby("category_id").head(4)
+    y = small["category_id"].to_numpy()
+    options = {**TINY, "max_iter": 1, "early_stopping": False, "warmup_fraction": 0.0, "batch_size": 8}
+    scratch = FineTuneClassifier(**options).fit(small, y)
+    assert scratch.learning_rate_ == pytest.approx(1e-2 * 0.5)
+    assert scratch.history_[0]["lr"] == pytest.approx(scratch.learning_rate_)  # what the optimiser really used
+    weights = tmp_path / "start.pt"
+    torch.save(build_backbone(parse_backbone(TINY["backbone"]), pretrained=False, weights=None, image_size=32,
+                              seed=0).state_dict(), weights)
+    pretrained = FineTuneClassifier(**{**options, "weights": weights}).fit(small, y)
+    assert pretrained.learning_rate_ == pytest.approx(1e-3 * 0.5)
+    assert pretrained.history_[0]["lr"] == pytest.approx(pretrained.learning_rate_)
+    fixed = FineTuneClassifier(**{**options, "learning_rate": 1e-3}).fit(small, y)
+    assert fixed.learning_rate_ == fixed.history_[0]["lr"] == pytest.approx(1e-3)
