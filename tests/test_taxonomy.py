@@ -118,10 +118,15 @@ def test_bad_trees_are_rejected():
         CategoryTree.from_paths([("A", "a"), ("A", "a")], leaves=[1, 2])
     with pytest.raises(ValueError, match="appear under several parents; pass leaves="):
         CategoryTree.from_paths([("A", "a"), ("B", "a")])
-    with pytest.raises(ValueError, match="same depth"):
-        CategoryTree.from_paths([("A", "a"), ("B",)], leaves=[1, 2])
+    with pytest.raises(ValueError, match="also parents of other leaves, for example 2 at \\('A',\\)"):
+        CategoryTree.from_paths([("A", "a"), ("A",)], leaves=[1, 2])
+    with pytest.raises(ValueError, match="empty path"):
+        CategoryTree.from_paths([("A", "a"), ()], leaves=[1, 2])
     with pytest.raises(ValueError, match="empty category name"):
         CategoryTree.from_frame(pd.DataFrame({"category_id": [1], "l1": [None]}))
+    with pytest.raises(ValueError, match=r"rows 1 have an empty category name .* above a named level"):
+        CategoryTree.from_frame(pd.DataFrame({"category_id": [1, 2], "l1": ["A", "B"], "l2": ["a", ""],
+                                              "l3": ["x", "y"]}))
     with pytest.raises(ValueError, match="empty category name"):
         CategoryTree.from_paths([("", "x")], leaves=[1])
     with pytest.raises(ValueError, match="1 leaf labels are missing"):
@@ -162,3 +167,52 @@ def test_random_trees_round_trip(paths, random):
     assert tree.level_sizes == tuple(len({p[: k + 1] for p in paths}) for k in range(3))
     restored = pickle.loads(pickle.dumps(tree))
     assert restored == tree and np.array_equal(restored.encode(leaves), codes)
+
+
+# -- ragged trees ----------------------------------------------------------------------------------------------------
+
+
+def _ragged():
+    return CategoryTree.from_paths(
+        [("Home", "Pans", "Steel"), ("Home", "Pans", "Cast"), ("Home", "Rugs"), ("Toys",)], leaves=[10, 11, 20, 30]
+    )
+
+
+def test_ragged_tree_from_lists_carries_shallow_leaves_down():
+    tree = _ragged()
+    assert tree.is_ragged and tree.depth == 3 and tree.leaf_depths.tolist() == [3, 3, 2, 1]
+    assert tree.level_sizes == (2, 3, 4)
+    codes = tree.encode([10, 20, 30])
+    # below its depth a leaf keeps the code of its own node: ("Toys",) at levels 1 and 2, ("Home", "Rugs") at 2
+    assert [tree.nodes(level)[codes[2, level]] for level in range(3)] == [("Toys",)] * 3
+    assert [tree.nodes(level)[codes[1, level]] for level in range(3)] == [("Home",), ("Home", "Rugs"),
+                                                                           ("Home", "Rugs")]
+    assert tree.decode(codes[:, 2]).tolist() == [10, 20, 30]
+    assert tree.level_labels([20, 30], level=1).tolist() == [("Home", "Rugs"), ("Toys",)]
+    assert tree.children(("Home",)) == [("Home", "Pans"), ("Home", "Rugs")]
+    with pytest.raises(KeyError, match="not an inner node"):
+        tree.children(("Home", "Rugs"))
+    assert tree.leaves_under(("Home",)).tolist() == [10, 11, 20]
+    assert tree.node_depth(30) == 1 and tree.parent(20) == ("Home",)
+    assert not CategoryTree.from_paths([("A", "a")]).is_ragged
+
+
+def test_ragged_tree_round_trips_through_csv_with_empty_trailing_levels(tmp_path):
+    tree = _ragged()
+    frame = tree.to_frame()
+    assert frame.loc[frame["category_id"] == 30, ["category_level2", "category_level3"]].values.tolist() == [["", ""]]
+    path = tmp_path / "tree.csv"
+    frame.to_csv(path, index=False)
+    assert "30,Toys,,\n" in path.read_text()
+    again = CategoryTree.from_csv(path)
+    assert again == tree and pickle.loads(pickle.dumps(again)) == tree
+    # missing values (NaN) in trailing levels read the same as empty strings
+    assert CategoryTree.from_frame(pd.read_csv(path)) == tree
+
+
+def test_cli_reads_a_ragged_tree(tmp_path):
+    from skproduct.cli._data import read_tree
+
+    path = tmp_path / "tree.csv"
+    _ragged().to_frame().to_csv(path, index=False)
+    assert read_tree(str(path)) == _ragged()

@@ -2,5 +2,6 @@
 
 from .hierarchical import HierarchicalClassifier
 from .linear import TorchLinearClassifier
+from .tree import TreeHeadClassifier
 
-__all__ = ["HierarchicalClassifier", "TorchLinearClassifier"]
+__all__ = ["HierarchicalClassifier", "TorchLinearClassifier", "TreeHeadClassifier"]

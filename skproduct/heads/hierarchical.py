@@ -63,6 +63,10 @@ class HierarchicalClassifier(VersionStampMixin, ClassifierMixin, BaseEstimator):
         one classifier per level, combined over the tree's valid paths only.
         ``"per_parent"``: one local classifier per inner node over its children;
         a leaf's probability is the product along its path. ``"flat"``: one classifier over the leaves; coarser levels by summing.
+        ``"tree"``: one :class:`~skproduct.heads.TreeHeadClassifier` (``estimator``, or its defaults when
+        ``estimator`` is None), a torch model with one softmax per level trained jointly; :meth:`predict`
+        follows its ``decision`` rule (``"path"`` or the cost-aware ``"crm"``). For vectors larger than memory
+        (a float16 :class:`numpy.memmap`), fit the :class:`~skproduct.heads.TreeHeadClassifier` itself.
         Nodes with a single child cost nothing; a node that saw one child in
         training predicts it; a node that saw none splits evenly.
     n_jobs : int, optional
@@ -113,7 +117,7 @@ class HierarchicalClassifier(VersionStampMixin, ClassifierMixin, BaseEstimator):
     _parameter_constraints: dict = {
         "estimator": [HasMethods(["fit", "predict_proba"]), dict, None],
         "tree": [CategoryTree, None],
-        "strategy": [StrOptions({"per_parent", "per_level", "flat"})],
+        "strategy": [StrOptions({"per_parent", "per_level", "flat", "tree"})],
         "n_jobs": [Integral, None],
     }
 
@@ -148,6 +152,10 @@ class HierarchicalClassifier(VersionStampMixin, ClassifierMixin, BaseEstimator):
             raise ValueError(f"X has {X.shape[0]} rows but y has {len(codes)}")
         weights = None if sample_weight is None else _check_sample_weight(sample_weight, X)
         self.classes_ = self.tree_.leaves
+        if self.strategy == "tree":
+            model = self._tree_head().set_params(tree=self.tree_).fit(X, leaves, sample_weight=weights)
+            self.local_estimators_ = {(self.tree_.depth - 1, -1): model}
+            return self
         tasks = list(self._local_problems(codes))
         fitted = Parallel(n_jobs=self.n_jobs)(
             delayed(_fit_local)(
@@ -186,6 +194,18 @@ class HierarchicalClassifier(VersionStampMixin, ClassifierMixin, BaseEstimator):
         except ValueError as exc:
             raise ValueError(f"cannot infer the tree from the per-level labels in y ({exc}); pass tree=") from exc
         return tree, leaves
+
+    def _tree_head(self):
+        from .tree import TreeHeadClassifier
+
+        if self.estimator is None:
+            return TreeHeadClassifier()
+        if not isinstance(self.estimator, TreeHeadClassifier):
+            raise ValueError(
+                f"strategy='tree' trains a TreeHeadClassifier, got estimator={self.estimator!r}: pass "
+                "estimator=TreeHeadClassifier(...) (or None for its defaults), or choose another strategy"
+            )
+        return clone(self.estimator)
 
     def _estimator_for(self, level: int):
         if isinstance(self.estimator, dict):
@@ -226,7 +246,11 @@ class HierarchicalClassifier(VersionStampMixin, ClassifierMixin, BaseEstimator):
         return np.concatenate(chunks) if chunks else np.zeros((0, len(self.classes_)))
 
     def predict(self, X) -> np.ndarray:
-        """The most probable leaf of each row: always a leaf of the tree."""
+        """The most probable leaf of each row (with ``strategy="tree"``, by its ``decision`` rule): always a leaf."""
+        if self.strategy == "tree":
+            check_is_fitted(self, "local_estimators_")
+            X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+            return self.local_estimators_[(self.tree_.depth - 1, -1)].predict(X)
         proba = self.predict_proba(X)
         return self.classes_[np.argmax(proba, axis=1)]
 
@@ -250,6 +274,8 @@ class HierarchicalClassifier(VersionStampMixin, ClassifierMixin, BaseEstimator):
         return self.classes_[top]
 
     def _leaf_proba(self, X: np.ndarray) -> np.ndarray:
+        if self.strategy == "tree":
+            return self.local_estimators_[(self.tree_.depth - 1, -1)].predict_proba(X)
         if self.strategy == "flat":
             depth = self.tree_.depth
             return self._level_proba(X, depth - 1, self.local_estimators_[(depth - 1, -1)], len(self.classes_))

@@ -21,10 +21,11 @@ def _hierarchical_prf(
     true_codes, pred_codes = _encode_pair(y_true, y_pred, tree)
     weights = _check_weights(sample_weight, len(true_codes))
     # |ancestors(true) & ancestors(pred)|: nodes are paths, so a node is shared exactly where the codes agree
-    common = (true_codes == pred_codes).sum(axis=1)
-    # |ancestors(pred)| and |ancestors(true)|: the path without the root; every leaf sits at tree.depth
-    n_pred = np.full(len(common), tree.depth)
-    n_true = n_pred
+    # |ancestors(pred)| and |ancestors(true)|: the path without the root, as deep as the leaf (ragged trees too)
+    n_pred = tree.leaf_depths[pred_codes[:, -1]]
+    n_true = tree.leaf_depths[true_codes[:, -1]]
+    # a ragged leaf carried down as its own node is counted once, at its own depth
+    common = np.minimum((true_codes == pred_codes).sum(axis=1), np.minimum(n_pred, n_true))
     if average == "micro":
         precision = _weighted_sum(common, weights) / _weighted_sum(n_pred, weights)
         recall = _weighted_sum(common, weights) / _weighted_sum(n_true, weights)
@@ -85,7 +86,7 @@ def hierarchical_precision_score(
 
     Notes
     -----
-    All leaves of a :class:`~skproduct.CategoryTree` sit at the same depth, so
+    When all leaves of a :class:`~skproduct.CategoryTree` sit at the same depth,
     :math:`|A_i| = |\hat A_i|` and the hierarchical precision equals the
     hierarchical recall and F1; micro and macro averages are equal too.
 

@@ -10,12 +10,14 @@ from ..taxonomy import CategoryTree, _check_level
 from ._checks import _check_average, _check_tree
 from .hierarchical import hierarchical_f1_score, hierarchical_precision_score, hierarchical_recall_score
 from .levels import level_accuracy_score
-from .severity import mistake_severity
+from .severity import _DistanceAtKScorer, mistake_severity
 from .top_k import top_k_accuracy_score
 
 __all__ = ["make_hierarchical_scorer", "make_hierarchical_scorers"]
 
-_SCORER_METRICS = ("precision", "recall", "f1", "accuracy", "top_k_accuracy", "mistake_severity")
+_SCORER_METRICS = (
+    "precision", "recall", "f1", "accuracy", "top_k_accuracy", "mistake_severity", "hierarchical_distance_at_k",
+)
 
 
 class _TopKScorer:
@@ -69,14 +71,16 @@ def make_hierarchical_scorer(
         whose columns follow the estimator's ``classes_``);
         ``"mistake_severity"`` is the mean tree distance over all predictions
         (:func:`mistake_severity`'s ``overall``), negated as scikit-learn
-        negates losses (``neg_mean_squared_error``), so greater is better.
+        negates losses (``neg_mean_squared_error``), so greater is better;
+        ``"hierarchical_distance_at_k"`` is :func:`hierarchical_distance_at_k`
+        of the top ``k`` leaves (from ``predict_proba``), negated likewise.
     average : {"micro", "macro"}, default="micro"
         For the hierarchical scores.
     level : int, optional
         For ``"accuracy"`` and ``"top_k_accuracy"``: the level (0 for the top).
         Defaults to the leaf level.
     k : int, default=5
-        For ``"top_k_accuracy"``.
+        For ``"top_k_accuracy"`` and ``"hierarchical_distance_at_k"``.
 
     Returns
     -------
@@ -121,6 +125,10 @@ def make_hierarchical_scorer(
         return make_scorer(score_func, tree=tree, average=average)
     if metric == "mistake_severity":
         return make_scorer(_overall_severity, greater_is_better=False, tree=tree)
+    if metric == "hierarchical_distance_at_k":
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k must be a positive int, got {k!r}")
+        return _DistanceAtKScorer(int(k), tree)
     index = tree.depth - 1 if level is None else _check_level(level, tree.depth)
     if metric == "accuracy":
         return make_scorer(level_accuracy_score, tree=tree, level=index)
