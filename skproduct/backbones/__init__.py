@@ -123,12 +123,19 @@ def weights_identity(spec: BackboneSpec, pretrained: bool, weights: str | os.Pat
     return family_of(spec).weights_identity(spec, pretrained, weights, seed)
 
 
-def fingerprint(spec: BackboneSpec, weights_id: str, preprocessing: Preprocessing, precision: str) -> str:
-    """A short hash that changes when the model, its weights, preprocessing or precision change.
+def fingerprint(
+    spec: BackboneSpec, weights_id: str, preprocessing: Preprocessing, precision: str, *, runtime: str = "torch",
+    decode: str = "cpu",
+) -> str:
+    """A short hash that changes when the model, its weights, preprocessing, precision, runtime or decoder change.
 
     The preprocessing enters through :meth:`Preprocessing.fingerprint_payload`,
     which keeps the fingerprints of square centre-crop configurations what
-    they were before crop modes existed.
+    they were before crop modes existed. ``runtime`` (the inference engine:
+    ``"openvino"``, ``"onnxruntime"``) and ``decode`` (``"device"``: pictures
+    decoded and resized as tensors, :mod:`skproduct.image_pipeline.device_decode`)
+    enter only when they are not the defaults, so that the fingerprints of the
+    torch engine with PIL decoding stay what they were.
 
     Examples
     --------
@@ -136,11 +143,19 @@ def fingerprint(spec: BackboneSpec, weights_id: str, preprocessing: Preprocessin
     >>> a = fingerprint(parse_backbone("timm:resnet18"), "random:0", pre, "fp32")
     >>> a == fingerprint(parse_backbone("timm:resnet18"), "random:0", pre, "bf16")
     False
+    >>> a == fingerprint(parse_backbone("timm:resnet18"), "random:0", pre, "fp32", runtime="torch", decode="cpu")
+    True
+    >>> a == fingerprint(parse_backbone("timm:resnet18"), "random:0", pre, "fp32", runtime="openvino")
+    False
     """
     payload = {
         "backbone": str(spec), "weights": weights_id, "preprocessing": preprocessing.fingerprint_payload(),
         "precision": precision,
     }
+    if runtime != "torch":
+        payload["runtime"] = runtime
+    if decode != "cpu":
+        payload["decode"] = decode
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
 

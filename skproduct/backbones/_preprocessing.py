@@ -141,19 +141,38 @@ class Preprocessing:
         """
         from torchvision import transforms
 
+        return transforms.Compose([*self.geometry(), transforms.ToTensor(), transforms.Normalize(self.mean, self.std)])
+
+    def geometry(self) -> list:
+        """The resize and crop (or pad) steps of :meth:`transform`, without the conversion and normalisation.
+
+        They take PIL images or uint8 tensors ``(..., 3, H, W)`` alike (torchvision's
+        functional API): the device decoder runs them on batches of tensors.
+
+        Examples
+        --------
+        >>> import torch
+        >>> pre = Preprocessing(32, 36, "bilinear", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+        >>> x = torch.zeros(2, 3, 40, 90, dtype=torch.uint8)
+        >>> for step in pre.geometry():
+        ...     x = step(x)
+        >>> tuple(x.shape), x.dtype
+        ((2, 3, 32, 32), torch.uint8)
+        """
+        from torchvision import transforms
+
         mode = _interpolation_mode(self.interpolation)
         (height, width), (scale_h, scale_w) = self.input_size, self.resize_size
         if self.crop_mode == "squash":
-            steps = [transforms.Resize((scale_h, scale_w), interpolation=mode), transforms.CenterCrop((height, width))]
-        elif self.crop_mode == "border":
+            return [transforms.Resize((scale_h, scale_w), interpolation=mode), transforms.CenterCrop((height, width))]
+        if self.crop_mode == "border":
             fill = tuple(round(255 * v) for v in self.mean)
-            steps = [ResizeKeepRatio((scale_h, scale_w), mode, longest=1.0), CenterCropOrPad((height, width), fill)]
-        else:
-            # torchvision's shorter-side resize when square (as timm does), else the keep-ratio cover resize
-            steps = [transforms.Resize(scale_h, interpolation=mode) if scale_h == scale_w
-                     else ResizeKeepRatio((scale_h, scale_w), mode, longest=0.0)]
-            steps.append(transforms.CenterCrop((height, width)))
-        return transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize(self.mean, self.std)])
+            return [ResizeKeepRatio((scale_h, scale_w), mode, longest=1.0), CenterCropOrPad((height, width), fill)]
+        # torchvision's shorter-side resize when square (as timm does), else the keep-ratio cover resize
+        steps = [transforms.Resize(scale_h, interpolation=mode) if scale_h == scale_w
+                 else ResizeKeepRatio((scale_h, scale_w), mode, longest=0.0)]
+        steps.append(transforms.CenterCrop((height, width)))
+        return steps
 
 
 def _interpolation_mode(name: str):
@@ -229,7 +248,7 @@ class CenterCropOrPad:
                 (crop_w - image_w + 1) // 2 if crop_w > image_w else 0,
                 (crop_h - image_h + 1) // 2 if crop_h > image_h else 0,
             ]
-            image = F.pad(image, padding, fill=self.fill)
+            image = _pad(image, padding, self.fill)
             _, image_h, image_w = F.get_dimensions(image)
             if (crop_h, crop_w) == (image_h, image_w):
                 return image
@@ -238,3 +257,15 @@ class CenterCropOrPad:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(size={self.size}, fill={self.fill})"
+
+
+def _pad(image: Any, padding: list[int], fill: Any) -> Any:
+    """``F.pad`` with a per-channel ``fill`` also for tensors (torchvision takes one number there)."""
+    from torchvision.transforms import functional as F
+
+    if isinstance(fill, (int, float)) or not hasattr(image, "ndim"):
+        return F.pad(image, padding, fill=fill)
+    import torch
+
+    channels = [F.pad(image[..., c : c + 1, :, :], padding, fill=value) for c, value in enumerate(fill)]
+    return torch.cat(channels, dim=-3)

@@ -7,8 +7,9 @@
   saved there) is replaced by the CPU, with a
   :class:`~skproduct.exceptions.DeviceFallbackWarning`.
 - ``precision="auto"``: bf16 on CUDA devices that support it, fp16 on older
-  CUDA devices, fp32 on CPUs (the one place where the accelerated-extraction work
-  will pick bf16 on CPUs with native bf16).
+  CUDA devices; on CPUs, for inference (``ImageEmbedder``), bf16 where the CPU
+  computes it natively (AMX or AVX512-BF16: :func:`cpu_native_bf16`) and fp32
+  elsewhere; for training on CPUs, fp32.
   ``"bf16"`` runs on CUDA and on CPUs (autocast); ``"fp16"`` needs CUDA.
 - The precision chosen at fit is part of what the model computes (and of an
   embedder's cache fingerprint): a later call keeps it wherever the device can
@@ -17,6 +18,9 @@
 
 from __future__ import annotations
 
+import functools
+import logging
+import os
 import warnings
 
 from ..exceptions import DeviceFallbackWarning, DeviceUnavailableError
@@ -24,12 +28,61 @@ from ..exceptions import DeviceFallbackWarning, DeviceUnavailableError
 __all__ = [
     "DeviceUnavailableError",
     "autocast_dtype",
+    "cpu_native_bf16",
     "device_available",
     "parse_device",
     "precision_for_call",
     "resolve_device",
     "resolve_precision",
 ]
+
+
+logger = logging.getLogger(__name__)
+
+#: Set to ``1`` or ``0`` to say whether this CPU has native bf16, instead of detecting it.
+CPU_BF16_ENV = "SKPRODUCT_CPU_BF16"
+_CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AMX-BF16 or AVX512-BF16), so that bf16 inference pays.
+
+    Read from torch's own CPU probes (``torch.cpu._is_amx_tile_supported``,
+    ``_is_avx512_bf16_supported``) and, where those are missing, from the
+    flags of ``/proc/cpuinfo``. The environment variable
+    ``SKPRODUCT_CPU_BF16=1`` (or ``0``) overrides the detection.
+
+    Examples
+    --------
+    >>> isinstance(cpu_native_bf16(), bool)
+    True
+    """
+    forced = os.environ.get(CPU_BF16_ENV, "").strip().lower()
+    if forced in ("1", "true", "yes", "on"):
+        return True
+    if forced in ("0", "false", "no", "off"):
+        return False
+    return _detect_cpu_bf16()
+
+
+@functools.lru_cache(maxsize=1)
+def _detect_cpu_bf16() -> bool:
+    import torch
+
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    if all(callable(p) for p in probes):
+        try:
+            found = any(bool(p()) for p in probes)
+            logger.debug("native bf16 on this CPU (torch's probes): %s", found)
+            return found
+        except RuntimeError:  # pragma: no cover - a torch build without the probes' kernels
+            pass
+    try:  # pragma: no cover - older torch
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:  # pragma: no cover - not Linux
+        return False
+    return any(flag in flags for flag in _CPU_BF16_FLAGS)  # pragma: no cover
 
 
 def parse_device(device: str):
@@ -100,14 +153,20 @@ def resolve_device(device: str, *, inherited: bool = False):
     )
 
 
-def resolve_precision(precision: str, device) -> str:
+def resolve_precision(precision: str, device, *, inference: bool = False) -> str:
     """The precision a fit uses: ``precision`` itself, or for ``"auto"`` the device's best.
+
+    With ``inference`` (an embedder: no training), ``"auto"`` on a CPU is
+    bf16 where :func:`cpu_native_bf16` says the CPU computes it natively, and
+    fp32 elsewhere; training on a CPU stays fp32.
 
     Examples
     --------
     >>> import torch
     >>> resolve_precision("auto", torch.device("cpu"))
     'fp32'
+    >>> resolve_precision("auto", torch.device("cpu"), inference=True) == ("bf16" if cpu_native_bf16() else "fp32")
+    True
     >>> resolve_precision("bf16", torch.device("cpu"))
     'bf16'
     """
@@ -116,6 +175,8 @@ def resolve_precision(precision: str, device) -> str:
     if precision == "auto":
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        if inference and device.type == "cpu" and cpu_native_bf16():
+            return "bf16"
         return "fp32"
     if not _runs(precision, device):
         raise DeviceUnavailableError(
