@@ -201,7 +201,7 @@ def test_lookups_check_only_the_blocks_they_touch_and_stats_checks_none(tmp_path
     ("longer", "too long"),
     ("header", "header fails its checksum"),
     ("table", "table of block checksums fails"),
-    ("newer", "format 3, written by a newer skproduct"),
+    ("newer", "format 4, written by a newer skproduct"),
     ("garbage", "not an skproduct cache segment"),
 ])
 def test_a_segment_that_cannot_be_used_at_all_is_ignored_then_repaired(tmp_path, small_blocks, damage, reason):
@@ -216,7 +216,7 @@ def test_a_segment_that_cannot_be_used_at_all_is_ignored_then_repaired(tmp_path,
         "longer": content + b"\x00",
         "header": content[:10] + bytes([content[10] ^ 1]) + content[11:],
         "table": content[:-6] + bytes([content[-6] ^ 1]) + content[-5:],
-        "newer": b"SKEMB\x00\x03\x00" + content[8:],
+        "newer": b"SKEMB\x00\x04\x00" + content[8:],
         "garbage": b"not a segment",
     }[damage])
     cache = _reopen(tmp_path / "c")

@@ -139,7 +139,7 @@ class Store:
     def _index(self, added: list[tuple[np.ndarray, np.ndarray, Segment | None]]) -> None:
         if not added:
             return
-        keys, segment_of, row_of = [self.keys], [self.segment_of], [self.row_of]
+        keys, segment_of, row_of = [], [], []
         for new_keys, vectors, segment in added:
             number = len(self.segments)
             self.segments.append(vectors)
@@ -149,7 +149,40 @@ class Store:
             keys.append(new_keys)
             segment_of.append(np.full(len(new_keys), number, dtype=np.int32))
             row_of.append(np.arange(len(new_keys), dtype=np.int64))
-        self._set_index(np.concatenate(keys), np.concatenate(segment_of), np.concatenate(row_of))
+        self._merge(np.concatenate(keys), np.concatenate(segment_of), np.concatenate(row_of))
+
+    def _merge(self, keys: np.ndarray, segment_of: np.ndarray, row_of: np.ndarray) -> None:
+        """Merge new entries into the sorted index: sort the new ones only, then one linear merge.
+
+        A refresh that finds ``m`` new vectors costs ``O(m log m + n)`` for an
+        index of ``n`` (a copy, no re-sort of what was indexed before), and a
+        lookup stays one binary search in one sorted array whatever the number
+        of segments. Keys already indexed, or repeated among the new ones,
+        keep their earlier copy; the others become alternates.
+        """
+        order = np.argsort(keys, kind="stable")
+        keys, segment_of, row_of = keys[order], segment_of[order], row_of[order]
+        first = np.ones(len(keys), dtype=bool)
+        first[1:] = keys[1:] != keys[:-1]
+        if len(self.keys):
+            first &= self.find(keys) < 0
+        if not first.all():
+            self._add_alternates(keys[~first], segment_of[~first], row_of[~first])
+        keys, segment_of, row_of = keys[first], segment_of[first], row_of[first]
+        if not len(self.keys):
+            self.keys, self.segment_of, self.row_of = keys, segment_of, row_of
+            return
+        at = np.searchsorted(self.keys, keys)
+        self.keys = np.insert(self.keys, at, keys)
+        self.segment_of = np.insert(self.segment_of, at, segment_of)
+        self.row_of = np.insert(self.row_of, at, row_of)
+
+    def _add_alternates(self, keys: np.ndarray, segment_of: np.ndarray, row_of: np.ndarray) -> None:
+        alt_keys = np.concatenate([self.alt_keys, keys])
+        alt_segment = np.concatenate([self.alt_segment, segment_of])
+        alt_row = np.concatenate([self.alt_row, row_of])
+        order = np.argsort(alt_keys, kind="stable")
+        self.alt_keys, self.alt_segment, self.alt_row = alt_keys[order], alt_segment[order], alt_row[order]
 
     def _set_index(self, keys: np.ndarray, segment_of: np.ndarray, row_of: np.ndarray) -> None:
         """Sort entries by key; the first copy of a key (the earlier entry) is used, the others kept as alternates."""
@@ -158,11 +191,7 @@ class Store:
         first = np.ones(len(keys), dtype=bool)
         first[1:] = keys[1:] != keys[:-1]
         if not first.all():
-            alt_keys = np.concatenate([self.alt_keys, keys[~first]])
-            alt_segment = np.concatenate([self.alt_segment, segment_of[~first]])
-            alt_row = np.concatenate([self.alt_row, row_of[~first]])
-            order = np.argsort(alt_keys, kind="stable")
-            self.alt_keys, self.alt_segment, self.alt_row = alt_keys[order], alt_segment[order], alt_row[order]
+            self._add_alternates(keys[~first], segment_of[~first], row_of[~first])
         self.keys, self.segment_of, self.row_of = keys[first], segment_of[first], row_of[first]
 
     # -- lookups ---------------------------------------------------------------------------------------------------
@@ -190,9 +219,16 @@ class Store:
         return out
 
     def disk_items(self) -> int:
-        """Indexed vectors that live in files (not those kept in memory)."""
-        on_disk = np.array([segment is not None for segment in self.files], dtype=bool)
-        return int(np.count_nonzero(on_disk[self.segment_of])) if len(on_disk) else 0
+        """Indexed vectors that live in files (not those kept in memory): counted without a pass over the index
+        unless vectors are kept in memory."""
+        in_memory = [number for number, segment in enumerate(self.files) if segment is None]
+        if not in_memory:
+            return len(self.keys)
+        return int(len(self.keys) - np.count_nonzero(np.isin(self.segment_of, in_memory)))
+
+    def stored_bytes(self) -> int:
+        """Bytes of vectors and keys in the indexed segment files (sizes read when they were opened)."""
+        return sum(segment.identity[2] for segment in self.files if segment is not None)
 
     # -- checking and dropping blocks ------------------------------------------------------------------------------
     def _check(self, positions: np.ndarray) -> bool:

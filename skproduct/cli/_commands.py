@@ -11,8 +11,10 @@ the training prior and counted in the command's summary.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -24,15 +26,20 @@ from ._data import (
     BSON_COLUMNS,
     CSV_COLUMNS,
     Data,
+    Progress,
     check_folder_option,
     check_leaves,
     check_outputs,
+    data_chunks,
+    data_paths,
+    describe_paths,
     is_stdout,
     read_data,
     read_tree,
     require_file,
     save,
     user_input,
+    write_npy_header,
 )
 from ._report import print_scores, save_confusion
 
@@ -85,6 +92,11 @@ def _head(name: str, args: argparse.Namespace, tree):
         return LGBMClassifier(min_sum_hessian_in_leaf=1.0, verbose=-1, random_state=args.random_state)
     from ..heads import HierarchicalClassifier
 
+    if args.strategy == "tree":  # one TreeHeadClassifier over the tree; no local estimator
+        from ..heads import TreeHeadClassifier
+
+        head = TreeHeadClassifier(device=args.device or "auto", random_state=args.random_state)
+        return HierarchicalClassifier(head, tree=tree, strategy="tree")
     return HierarchicalClassifier(_head(args.local_estimator, args, None), tree=tree, strategy=args.strategy)
 
 
@@ -125,9 +137,22 @@ def _fit_and_score(model, data: Data) -> float:
     if not isinstance(model, Pipeline):
         model.fit(data.frame, data.labels)
         return float(model.score(data.frame, data.labels))
-    features = model[:-1].transform(data.frame)
-    head = model[-1].fit(features, data.labels)
-    return float(head.score(features, data.labels))
+    embedders = [step for _, step in model.steps[:-1] if hasattr(step, "out")]
+    for embedder in embedders:  # vectors above 2 GiB go to a memory-mapped file in the cache folder, for this fit
+        embedder.set_params(out="auto")
+    try:
+        features = model[:-1].transform(data.frame)
+        head = model[-1].fit(features, data.labels)
+        score = float(head.score(features, data.labels))
+    finally:
+        for embedder in embedders:
+            embedder.set_params(out="memory")
+    filename = getattr(features, "filename", None)
+    del features
+    if filename:
+        with contextlib.suppress(OSError):
+            os.unlink(filename)
+    return score
 
 
 def _class_prior(classes: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -320,12 +345,14 @@ def _check_duplicate_names(data: Data) -> None:
 
 # -- fit --------------------------------------------------------------------------------------------------------------
 def run_fit(args: argparse.Namespace) -> None:
-    check_outputs([("--out", args.out)], [args.train, args.categories, args.weights])
+    sources = data_paths(args.train)
+    args.train = describe_paths(sources)
+    check_outputs([("--out", args.out)], [*sources, args.categories, args.weights])
     check_folder_option("--cache", args.cache)
     if args.head == "hierarchical" and args.categories is None:
         raise CommandError("--head hierarchical needs the category tree: pass --categories category_names.csv")
     tree = None if args.categories is None else read_tree(args.categories)
-    data = read_data(args.train, args, need_labels=True, keep_every_product=False)
+    data = read_data(sources, args, need_labels=True, keep_every_product=False)
     if tree is not None:
         check_leaves(data.labels, tree, f"labels of {args.train}")
     elif len(np.unique(data.labels)) < 2:
@@ -352,13 +379,15 @@ def run_fit(args: argparse.Namespace) -> None:
 
 # -- predict ----------------------------------------------------------------------------------------------------------
 def run_predict(args: argparse.Namespace) -> None:
-    check_outputs([("--out", args.out)], [args.model, args.test], to_stdout=["--out"])
+    sources = data_paths(args.test)
+    args.test = describe_paths(sources)
+    check_outputs([("--out", args.out)], [args.model, *sources], to_stdout=["--out"])
     check_folder_option("--cache", args.cache)
     model = _load_model(args.model)
     _apply_runtime_options(model, args)
     if args.top_k > 1 and not hasattr(model, "predict_proba"):
         raise CommandError(f"a {type(model).__name__} gives no probabilities, so it cannot rank classes: drop --top-k")
-    data = read_data(args.test, args, need_labels=False)
+    data = read_data(sources, args, need_labels=False)
     if data.absent is not None and not _can_answer_absent(model):
         raise CommandError(
             f"a {type(model).__name__} cannot answer the products whose image is missing: fix the paths in "
@@ -366,21 +395,37 @@ def run_predict(args: argparse.Namespace) -> None:
         )
     _check_label_kind(model, data, args.model)
     _check_duplicate_names(data)
-    start = time.perf_counter()
-    submission, predictions = _submission(model, data, args.top_k)
-    seconds = time.perf_counter() - start
-    save(args.out, lambda f: submission.to_csv(f, index=False), mode="w")
+    written: dict = {}
+    progress = Progress(len(data.ids), "predicting", not args.quiet)
+
+    def write(f) -> None:
+        for part in data_chunks(data):  # embed -> head -> write, one chunk of products at a time
+            submission, predictions = _submission(model, part, args.top_k)
+            submission.to_csv(f, index=False, header="columns" not in written)
+            written.setdefault("columns", list(submission.columns))
+            written["no_picture"] = written.get("no_picture", 0) + int(predictions.no_picture.sum())
+            written["from_prior"] = predictions.from_prior
+            progress.update(len(part.ids))
+
+    try:
+        save(args.out, write, mode="w")  # atomically: a killed run leaves no half file (the cache keeps its vectors)
+    finally:
+        seconds = progress.close()
+    predictions = _Predictions(np.empty(0), None, np.ones(written.get("no_picture", 0), dtype=bool),
+                               written.get("from_prior", False))
     out = _summary_stream(args.out)
-    print(f"predicted {len(submission)} products of {args.test} in {seconds:.1f} s", file=out)
+    print(f"predicted {len(data.ids)} products of {args.test} in {seconds:.1f} s "
+          f"({len(data.ids) / max(seconds, 1e-9):.0f} products/s)", file=out)
     if predictions.summary():
         print(predictions.summary(), file=out)
     where = "stdout" if is_stdout(args.out) else args.out
-    print(f"wrote {where} with columns {','.join(submission.columns)}", file=out)
+    print(f"wrote {where} with columns {','.join(written.get('columns', []))}", file=out)
 
 
 def _submission(model, data: Data, top_k: int):
     """Kaggle's submission frame (the id column, the predicted class, then the runners-up with ``top_k > 1``), and
-    the predictions it was made of."""
+    the predictions it was made of. Streaming callers pass one chunk of products at a time: only a chunk's
+    probabilities (chunk x classes) are ever held."""
     import pandas as pd
 
     id_column, label_column = data.columns
@@ -415,32 +460,49 @@ def _predict_proba(model, X) -> np.ndarray:
 def run_extract(args: argparse.Namespace) -> None:
     from ..cache import EmbeddingCache
 
-    check_outputs([("--out", args.out)], [args.data, args.weights])
+    sources = data_paths(args.data)
+    args.data = describe_paths(sources)
+    check_outputs([("--out", args.out)], [*sources, args.weights])
     check_folder_option("--cache", args.cache)
-    data = read_data(args.data, args, need_labels=False)
+    data = read_data(sources, args, need_labels=False)
     embedder = _embedder_from_args(args)
-    cache = EmbeddingCache(args.cache)
+    cache = EmbeddingCache(args.cache, getattr(args, "cache_dtype", None) or "float32")
     embedder.set_params(cache=cache)
     _resolve_embedder(embedder)
     before = cache.stats()  # the hit and miss counters belong to the process: count this run's
-    start = time.perf_counter()
-    present = embedder.transform(data.frame)
-    seconds = time.perf_counter() - start
-    vectors = present
-    if data.absent is not None:  # the products whose image file is missing get a zero vector, as the embedder's
-        vectors = np.zeros((len(data.ids), present.shape[1]), dtype=present.dtype)
-        vectors[~data.absent] = present
+    width = embedder.n_features_out_
+    counts = {"empty": 0}
+    progress = Progress(len(data.ids), "embedding", not args.quiet)
+
+    def embed_all(f=None) -> None:
+        if f is not None:
+            write_npy_header(f, (len(data.ids), width))
+        for part in data_chunks(data):  # memory holds one chunk of products: the vectors go to the cache and --out
+            present = embedder.transform(part.frame)
+            vectors = present
+            if part.absent is not None:  # products whose image file is missing get a zero vector, as the embedder's
+                vectors = np.zeros((len(part.ids), width), dtype=np.float32)
+                vectors[~part.absent] = present
+            counts["empty"] += int((~vectors.any(axis=1)).sum())
+            if f is not None:
+                f.write(np.ascontiguousarray(vectors, dtype="<f4").tobytes())
+            progress.update(len(part.ids))
+
+    try:
+        if args.out is not None:
+            save(args.out, embed_all)
+        else:
+            embed_all()
+    finally:
+        seconds = progress.close()
     merged = cache.compact()  # one segment per backbone instead of one per flush: later opens read one file
     after = cache.stats()
-    if args.out is not None:
-        save(args.out, lambda f: np.save(f, vectors))
     print(
         f"embedded {len(data.ids)} products ({data.n_pictures} pictures) with {args.backbone} in {seconds:.1f} s "
-        f"({data.n_pictures / max(seconds, 1e-9):.1f} images/s): vectors of {vectors.shape[1]} features"
+        f"({data.n_pictures / max(seconds, 1e-9):.1f} images/s): vectors of {width} features"
     )
-    empty = int((~vectors.any(axis=1)).sum())
-    if empty:
-        print(f"{empty} products had no usable picture and got a zero vector")
+    if counts["empty"]:
+        print(f"{counts['empty']} products had no usable picture and got a zero vector")
     print(
         f"cache {cache.directory}: {after['hits'] - before['hits']} hits, {after['misses'] - before['misses']} "
         f"misses; {after['items']} vectors ({after['bytes'] / 1e6:.1f} MB) on disk"
@@ -452,14 +514,16 @@ def run_extract(args: argparse.Namespace) -> None:
 
 # -- evaluate ---------------------------------------------------------------------------------------------------------
 def run_evaluate(args: argparse.Namespace) -> None:
+    sources = data_paths(args.data)
+    args.data = describe_paths(sources)
     check_outputs(
-        [("--json", args.json), ("--confusion", args.confusion)], [args.model, args.data, args.categories],
+        [("--json", args.json), ("--confusion", args.confusion)], [args.model, *sources, args.categories],
         to_stdout=["--json"], image=["--confusion"],
     )
     check_folder_option("--cache", args.cache)
     model = _load_model(args.model)
     _apply_runtime_options(model, args)
-    data = read_data(args.data, args, need_labels=True)
+    data = read_data(sources, args, need_labels=True)
     if data.absent is not None and not _can_answer_absent(model):
         raise CommandError(
             f"a {type(model).__name__} cannot answer the products whose image is missing: fix the paths in "
@@ -470,7 +534,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
     if tree is not None:
         check_leaves(data.labels, tree, f"labels of {args.data}")
         check_leaves(np.asarray(model.classes_), tree, f"classes of the model {args.model}")
-    scores, predicted, predictions = _scores(model, data, tree, args.top_k)
+    scores, predicted, predictions = _scores(model, data, tree, args.top_k, quiet=args.quiet)
     scores["model"] = args.model
     out = _summary_stream(args.json)
     if args.confusion is not None:
@@ -506,20 +570,39 @@ def _check_labels_are_classes(labels: np.ndarray, classes: np.ndarray, data_path
         )
 
 
-def _scores(model, data: Data, tree, top_k: int) -> tuple[dict, np.ndarray, _Predictions]:
-    """The scores of ``model`` on ``data`` (a JSON-ready dict), its predictions, and what they were made of."""
+def _scores(model, data: Data, tree, top_k: int, quiet: bool = True) -> tuple[dict, np.ndarray, _Predictions]:
+    """The scores of ``model`` on ``data`` (a JSON-ready dict), its predictions, and what they were made of.
+
+    Streams: one chunk of products is embedded and predicted at a time, and
+    only its top-k classes are kept (never the whole products x classes matrix).
+    """
     from ..metrics import hierarchical_f1_score, level_accuracy_score
 
     labels = data.labels
     scores: dict = {"data": data.path, "n_products": len(labels)}
-    predictions = _predict(model, data, want_proba=hasattr(model, "predict_proba"))
-    if predictions.proba is not None:
-        ranked = _ranked_classes(model, None, top_k, predictions.proba)
-        predicted = ranked[:, 0]
-        scores["top_k"] = ranked.shape[1]
-        scores["top_k_accuracy"] = float((ranked == labels[:, None]).any(axis=1).mean())
-    else:
-        predicted = predictions.labels
+    want_proba = hasattr(model, "predict_proba")
+    predicted, hits, no_picture, from_prior, k = [], [], [], False, None
+    progress = Progress(len(data.ids), "evaluating", not quiet)
+    try:
+        for part in data_chunks(data):
+            chunk = _predict(model, part, want_proba=want_proba)
+            if chunk.proba is not None:
+                ranked = _ranked_classes(model, None, top_k, chunk.proba)
+                predicted.append(ranked[:, 0])
+                hits.append((ranked == part.labels[:, None]).any(axis=1))
+                k = ranked.shape[1]
+            else:
+                predicted.append(chunk.labels)
+            no_picture.append(chunk.no_picture)
+            from_prior = chunk.from_prior
+            progress.update(len(part.ids))
+    finally:
+        progress.close()
+    predicted = np.concatenate(predicted)
+    predictions = _Predictions(predicted, None, np.concatenate(no_picture), from_prior)
+    if k is not None:
+        scores["top_k"] = k
+        scores["top_k_accuracy"] = float(np.concatenate(hits).mean())
     scores["accuracy"] = float(np.mean(predicted == labels))
     scores["n_no_usable_picture"] = int(predictions.no_picture.sum())
     if tree is not None:

@@ -59,19 +59,54 @@ class Data:
 
 
 # -- reading ----------------------------------------------------------------------------------------------------------
-def read_data(path: str, args: argparse.Namespace, *, need_labels: bool, keep_every_product: bool = True) -> Data:
-    """Read a .bson or .csv catalogue; with ``need_labels``, one without labels is a mistake.
+def data_paths(given: str | Sequence[str]) -> list[str]:
+    """The data files a command was given: each path as it is, each quoted glob pattern expanded (sorted).
+
+    Several files must all be .bson files (a catalogue split into parts); a
+    .csv file comes alone.
+    """
+    import glob
+
+    items = [given] if isinstance(given, str) else list(given)
+    paths: list[str] = []
+    for item in items:
+        if set("*?[") & set(item) and not os.path.exists(item):
+            matches = sorted(glob.glob(os.path.expanduser(item)))
+            if not matches:
+                raise CommandError(f"no file matches {item!r}: check the pattern (quote it so that the shell "
+                                   "passes it as it is)")
+            paths.extend(matches)
+        else:
+            paths.append(item)
+    if len(paths) > 1:
+        for path in paths:
+            if check_data_file(path) != ".bson":
+                raise CommandError(f"{path}: several data files must all be .bson files (parts of one catalogue); "
+                                   "pass one .csv file")
+    return paths
+
+
+def describe_paths(paths: Sequence[str]) -> str:
+    """How a command's messages name its data files."""
+    return paths[0] if len(paths) == 1 else f"{len(paths)} files ({paths[0]} ... {paths[-1]})"
+
+
+def read_data(path: str | Sequence[str], args: argparse.Namespace, *, need_labels: bool,
+              keep_every_product: bool = True) -> Data:
+    """Read a .bson or .csv catalogue (or several .bson files, as one); without labels, ``need_labels`` refuses it.
 
     ``keep_every_product``: with ``--on-missing drop``, the rows whose image is
     missing stay in ``ids`` (and ``labels``), marked in ``absent``, so that
     every product gets an answer; otherwise (``fit``) they are dropped.
     """
-    suffix = check_data_file(path)
+    paths = data_paths(path)
+    path = describe_paths(paths)
+    suffix = check_data_file(paths[0])
     if suffix == ".bson":
-        data = _read_bson_data(path, need_labels, getattr(args, "on_truncated", "raise"))
+        data = _read_bson_data(paths, need_labels, getattr(args, "on_truncated", "raise"))
     else:
         data = _read_csv_data(
-            path, args.images, args.label_column, need_labels, getattr(args, "on_missing", "raise"),
+            paths[0], args.images, args.label_column, need_labels, getattr(args, "on_missing", "raise"),
             keep_every_product,
         )
     logger.info("read %d products (%d pictures) from %s", len(data.ids), data.n_pictures, path)
@@ -108,11 +143,14 @@ def user_input(what: str) -> Iterator[None]:
         raise CommandError(f"{what}: {detail}") from exc
 
 
-def _read_bson_data(path: str, need_labels: bool, on_truncated: str) -> Data:
+def _read_bson_data(paths: list[str], need_labels: bool, on_truncated: str) -> Data:
     from ..io import default_index_path, read_bson
 
+    path = describe_paths(paths)
+    for part in paths[1:]:
+        require_file(part, "data file", "pass .bson files that exist")
     with user_input(f"cannot read {path}"):
-        products = read_bson(path, index_path=default_index_path(path), on_truncated=on_truncated)
+        products = read_bson(paths, index_path=[default_index_path(p) for p in paths], on_truncated=on_truncated)
     missing = products["category_id"].isna()
     if need_labels and missing.any() and not missing.all():
         raise CommandError(
@@ -302,3 +340,75 @@ def save(path: str, write: Callable[[IO], None], mode: str = "wb") -> None:
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise CommandError(f"could not write {path} ({reason}); nothing was written there") from exc
+
+
+# -- streaming ----------------------------------------------------------------------------------------------------------
+#: Products a streaming command (predict, evaluate, extract) embeds, predicts and writes together.
+PRODUCTS_PER_CHUNK = 16384
+
+
+def data_chunks(data: Data, size: int | None = None) -> Iterator[Data]:
+    """``data`` in chunks of ``size`` products (:data:`PRODUCTS_PER_CHUNK`), in order, each a :class:`Data` of its
+    own (frames share the picture arrays).
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> whole = Data("x.csv", pd.DataFrame({"image": ["a", "b", "c"]}), None, np.arange(4), CSV_COLUMNS, 3,
+    ...              np.array([False, True, False, False]))
+    >>> [(part.ids.tolist(), part.frame["image"].tolist()) for part in data_chunks(whole, 2)]
+    [([0, 1], ['a']), ([2, 3], ['b', 'c'])]
+    """
+    size = size or PRODUCTS_PER_CHUNK
+    n = len(data.ids)
+    if n <= size:
+        yield data
+        return
+    present = np.ones(n, dtype=bool) if data.absent is None else ~data.absent
+    frame_row = np.cumsum(present) - 1
+    for start in range(0, n, size):
+        stop = min(n, start + size)
+        here = present[start:stop]
+        rows = frame_row[start:stop][here]
+        frame = data.frame.iloc[rows].reset_index(drop=True)
+        labels = None if data.labels is None else data.labels[start:stop]
+        absent = None if data.absent is None else ~here
+        n_pictures = int(frame["n_images"].sum()) if "n_images" in frame.columns else len(frame)
+        yield Data(data.path, frame, labels, data.ids[start:stop], data.columns, n_pictures, absent)
+
+
+class Progress:
+    """Products done and products per second: a tqdm bar on stderr for long runs, and a log line per chunk."""
+
+    def __init__(self, total: int, what: str, enabled: bool):
+        import time
+
+        self.total, self.what, self.done, self.start = total, what, 0, time.perf_counter()
+        self.bar = None
+        if enabled and total > PRODUCTS_PER_CHUNK:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=what, unit=" products", file=sys.stderr, dynamic_ncols=True)
+
+    def update(self, n: int) -> None:
+        import time
+
+        self.done += n
+        seconds = time.perf_counter() - self.start
+        if self.bar is not None:
+            self.bar.update(n)
+        logger.info("%s: %d of %d products (%.0f products/s)", self.what, self.done, self.total,
+                    self.done / max(seconds, 1e-9))
+
+    def close(self) -> float:
+        import time
+
+        if self.bar is not None:
+            self.bar.close()
+        return time.perf_counter() - self.start
+
+
+def write_npy_header(f: IO, shape: tuple[int, int]) -> None:
+    """The header of a float32, C-ordered ``.npy`` file of ``shape``: its rows follow, written chunk by chunk."""
+    np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype("<f4")),
+                                            "fortran_order": False, "shape": tuple(int(v) for v in shape)})

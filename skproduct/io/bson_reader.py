@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import glob
 import os
+from collections.abc import Sequence
 
 import pandas as pd
 
@@ -13,14 +15,43 @@ from .bson_sidecar import load_index
 _ON_TRUNCATED = ("raise", "warn")
 
 
+_GLOB_CHARACTERS = frozenset("*?[")
+
+
+def bson_paths(path) -> list[str]:
+    """The files ``path`` names: one path, a glob pattern (sorted matches), or a sequence of either.
+
+    Examples
+    --------
+    >>> bson_paths("train.bson")
+    ['train.bson']
+    >>> bson_paths(["a.bson", "b.bson"])
+    ['a.bson', 'b.bson']
+    """
+    items = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    if not items:
+        raise ValueError("no BSON file given: pass a path, a glob pattern such as 'train-*.bson', or a list of paths")
+    paths: list[str] = []
+    for item in items:
+        item = os.fspath(item)
+        if _GLOB_CHARACTERS & set(item) and not os.path.exists(item):
+            matches = sorted(glob.glob(os.path.expanduser(item)))
+            if not matches:
+                raise FileNotFoundError(f"no BSON file matches {item!r}")
+            paths.extend(matches)
+        else:
+            paths.append(item)
+    return paths
+
+
 def read_bson(
-    path: str | os.PathLike,
+    path: str | os.PathLike | Sequence[str | os.PathLike],
     *,
     on_truncated: str = "raise",
-    index_path: str | os.PathLike | None = None,
+    index_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     rebuild_index: bool = False,
 ) -> pd.DataFrame:
-    """Read a BSON file of products (Cdiscount's layout) without loading its pictures.
+    """Read BSON files of products (Cdiscount's layout) without loading their pictures.
 
     Each document holds an ``_id``, an optional ``category_id`` and an ``imgs``
     array of ``{"picture": <JPEG bytes>}``, in any field order; other fields are
@@ -32,16 +63,20 @@ def read_bson(
 
     Parameters
     ----------
-    path : str or path-like
+    path : str, path-like, or a sequence of them
         The ``.bson`` file (for example Cdiscount's ``train.bson`` or
-        ``test.bson``).
+        ``test.bson``), a glob pattern (``"train-*.bson"``, matches sorted by
+        name) or a list of files: a catalogue split into several files reads
+        as one frame, in the order given, each picture reference naming its
+        own file (``ref.path``). Each file keeps its own sidecar.
     on_truncated : {"raise", "warn"}, default="raise"
         A file that ends inside a document (an interrupted download) raises
         :class:`~skproduct.exceptions.BsonTruncatedError`; with ``"warn"`` the
         whole products before the truncated tail are kept and a warning says so.
-    index_path : str or path-like, optional
+    index_path : str, path-like, or a sequence of them, optional
         Keep the offset index in this file instead of the automatic places (a
-        regular file or nothing yet; a symbolic link is followed).
+        regular file or nothing yet; a symbolic link is followed); one per
+        file when several are read.
         :func:`~skproduct.io.default_index_path` gives one that never writes
         into the BSON file's folder.
     rebuild_index : bool, default=False
@@ -90,7 +125,23 @@ def read_bson(
     """
     if on_truncated not in _ON_TRUNCATED:
         raise ValueError(f"on_truncated must be one of {_ON_TRUNCATED}, got {on_truncated!r}")
-    path = os.fspath(path)
+    paths = bson_paths(path)
+    if len(paths) > 1 or not isinstance(path, (str, os.PathLike)):
+        if index_path is None or isinstance(index_path, (str, os.PathLike)):
+            if index_path is not None and len(paths) > 1:
+                raise ValueError(f"one index_path for {len(paths)} BSON files: pass a list of {len(paths)} paths "
+                                 "(or none)")
+            index_paths = [index_path] * len(paths)
+        else:
+            index_paths = list(index_path)
+            if len(index_paths) != len(paths):
+                raise ValueError(f"{len(index_paths)} index paths for {len(paths)} BSON files: pass one per file")
+        frames = []
+        for part, part_index in zip(paths, index_paths, strict=True):
+            frames.append(read_bson(part, on_truncated=on_truncated, index_path=part_index,
+                                    rebuild_index=rebuild_index))
+        return frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+    path = paths[0]  # one file: read here, so that warnings point at the caller of read_bson
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no BSON file at {path!r}")
     if os.path.getsize(path) == 0:  # before any sidecar: an empty file is never a catalogue
@@ -110,5 +161,6 @@ def read_bson(
             "category_id": category,
             "n_images": index.n_images,
             "images": images,
-        }
+        },
+        copy=False,  # the index's arrays are the frame's: no copy of 7M rows at every open
     )
