@@ -18,15 +18,17 @@ _LAZY = {
     "FineTuneClassifier": "skproduct.finetune",
     "HierarchicalClassifier": "skproduct.heads",
     "TorchLinearClassifier": "skproduct.heads",
+    "TreeHeadClassifier": "skproduct.heads",
     "ImageEmbedder": "skproduct.embed",
+    "ProductMatcher": "skproduct.matching",
     "BadImagePolicy": "skproduct.images",
     "load_image": "skproduct.images",
     "read_bson": "skproduct.io",
     "read_table": "skproduct.io",
 }
 _SUBMODULES = (
-    "backbones", "cache", "datasets", "demo", "embed", "exceptions", "finetune", "heads", "images", "io", "metrics",
-    "taxonomy",
+    "backbones", "cache", "datasets", "demo", "distributed", "embed", "exceptions", "finetune", "heads", "images", "io",
+    "matching", "metrics", "runtimes", "taxonomy",
 )
 
 __all__ = sorted([*_LAZY, *_SUBMODULES, "__version__"])

@@ -8,12 +8,15 @@ from numbers import Integral
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin, _fit_context
-from sklearn.utils._param_validation import Interval
+from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from .backbones import build_backbone, fingerprint, parse_backbone, resolve_preprocessing, weights_identity
 from .cache import EmbeddingCache
+from .distributed._context import distributed_extractor
 from .image_pipeline import IMAGE_ESTIMATOR_CONSTRAINTS, ImageEstimatorMixin, flatten_products, pool_products
+from .image_pipeline.keys import bson_images, bson_picture_keys
+from .image_pipeline.outputs import check_out, vector_output
 from .images import picture_content
 
 logger = logging.getLogger(__name__)
@@ -22,6 +25,7 @@ __all__ = ["ImageEmbedder"]
 
 _FLUSH_EVERY = 2048  # vectors written to the cache together
 _POOL_BLOCK = 8192  # images pooled together from the table of unique vectors
+_LOOKUP_BLOCK = 65536  # pictures looked up (and their table of vectors held) together
 
 
 class ImageEmbedder(ImageEstimatorMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
@@ -59,9 +63,11 @@ class ImageEmbedder(ImageEstimatorMixin, ClassNamePrefixFeaturesOutMixin, Transf
     num_workers : int, default=0
         DataLoader worker processes that decode and preprocess pictures.
     precision : {"auto", "fp32", "bf16", "fp16"}, default="auto"
-        ``"auto"``: bf16 (or fp16) autocast on CUDA, fp32 elsewhere; ``"bf16"``
-        also runs on CPUs. Part of the fingerprint: fixed at fit and kept by
-        later calls wherever their device can run it.
+        ``"auto"``: bf16 (or fp16) autocast on CUDA; on CPUs bf16 where the CPU
+        computes it natively (AMX or AVX512-BF16), fp32 elsewhere; ``"bf16"``
+        also runs on other CPUs. Part of the fingerprint: fixed at fit and kept by
+        later calls wherever their device can run it. A cache filled at one
+        precision is reused on any machine by pinning it (``precision="fp32"``).
     image_size : int, optional
         Input side in pixels; defaults to the backbone's own.
     pooling : {"mean", "max"}, default="mean"
@@ -70,6 +76,13 @@ class ImageEmbedder(ImageEstimatorMixin, ClassNamePrefixFeaturesOutMixin, Transf
         The DataFrame column holding the pictures (default ``"images"``, then ``"image"``).
     cache : str, path-like or EmbeddingCache, optional
         Where vectors are kept; ``None`` keeps none.
+    out : {"memory", "memmap", "auto"} or path, default="memory"
+        Where :meth:`transform` puts the product vectors: an array in memory;
+        ``"memmap"``, a read-only :class:`numpy.memmap` of a ``.npy`` file in the
+        cache folder's ``.vectors/`` (written chunk by chunk, atomically), that
+        scikit-learn and the torch heads read without a copy; ``"auto"``, a
+        memmap above 2 GiB; or a path, an ``.npy`` file there. Trade-offs:
+        :mod:`skproduct.image_pipeline.outputs`.
     on_error : {"raise", "skip", "blank"}, default="raise"
         The policy for pictures that do not decode
         (:class:`~skproduct.images.BadImagePolicy`). A product whose pictures
@@ -79,6 +92,22 @@ class ImageEmbedder(ImageEstimatorMixin, ClassNamePrefixFeaturesOutMixin, Transf
     random_state : int, default=0
         Seed of the random weights when ``pretrained=False``, so that clones
         share their weights and their fingerprint.
+    runtime : {"torch", "openvino", "onnxruntime", "auto"}, default="torch"
+        The inference engine (:mod:`skproduct.runtimes`): OpenVINO and ONNX
+        Runtime run the backbone exported once to ONNX beside the cache, on
+        CPUs, at the precision of the fingerprint; ``"auto"`` takes the first
+        installed of :data:`skproduct.runtimes.AUTO_ORDER` on a CPU, torch on
+        a GPU. A runtime other than torch is part of the fingerprint.
+    decode : {"cpu", "device", "auto"}, default="cpu"
+        ``"cpu"``: pictures decoded and resized with PIL (in DataLoader
+        workers). ``"device"``: JPEG bytes decoded in batches by
+        ``torchvision.io.decode_jpeg`` on the embedder's device and resized
+        and normalised there (:mod:`skproduct.image_pipeline.device_decode`);
+        its resizing differs slightly from PIL's, so it has its own
+        fingerprint. ``"auto"``: ``"device"`` on CUDA, ``"cpu"`` elsewhere.
+    compile : bool, default=False
+        ``torch.compile`` the backbone (torch runtime only); pays on GPUs for
+        long extractions, costs a compilation at the first batch.
 
     Attributes
     ----------
@@ -106,6 +135,10 @@ class ImageEmbedder(ImageEstimatorMixin, ClassNamePrefixFeaturesOutMixin, Transf
         **IMAGE_ESTIMATOR_CONSTRAINTS,
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "cache": [str, os.PathLike, EmbeddingCache, None],
+        "out": [str, os.PathLike],
+        "runtime": [StrOptions({"torch", "openvino", "onnxruntime", "auto"})],
+        "decode": [StrOptions({"cpu", "device", "auto"})],
+        "compile": ["boolean"],
     }
 
     def __init__(
@@ -122,9 +155,13 @@ class ImageEmbedder(ImageEstimatorMixin, ClassNamePrefixFeaturesOutMixin, Transf
         pooling: str = "mean",
         column: str | None = None,
         cache: str | os.PathLike | EmbeddingCache | None = None,
+        out: str | os.PathLike = "memory",
         on_error: str = "raise",
         verbose: int = 0,
         random_state: int = 0,
+        runtime: str = "torch",
+        decode: str = "cpu",
+        compile: bool = False,
     ):
         self.backbone = backbone
         self.pretrained = pretrained
@@ -137,9 +174,13 @@ class ImageEmbedder(ImageEstimatorMixin, ClassNamePrefixFeaturesOutMixin, Transf
         self.pooling = pooling
         self.column = column
         self.cache = cache
+        self.out = out
         self.on_error = on_error
         self.verbose = verbose
         self.random_state = random_state
+        self.runtime = runtime
+        self.decode = decode
+        self.compile = compile
 
     # -- scikit-learn protocol -------------------------------------------------
     @_fit_context(prefer_skip_nested_validation=True)
@@ -156,8 +197,8 @@ class ImageEmbedder(ImageEstimatorMixin, ClassNamePrefixFeaturesOutMixin, Transf
         self.preprocessing_ = resolve_preprocessing(spec, self.image_size)
         weights = None if self.weights is None else os.fspath(self.weights)
         self._weights_id = weights_identity(spec, self.pretrained, weights, self.random_state)
-        self.fingerprint_ = fingerprint(spec, self._weights_id, self.preprocessing_, self.precision_)
-        self._module = None
+        self.fingerprint_ = self._call_fingerprint(self.precision_, fitting=True)
+        self._module = self._engine = None
         if getattr(self, "_restored_for", None) != (self.backbone, self._weights_id, self.image_size):
             self._state_to_restore = None  # weights from a pickle belong to other settings
         self.n_features_out_ = self._embedding_size(device)
@@ -173,11 +214,14 @@ class ImageEmbedder(ImageEstimatorMixin, ClassNamePrefixFeaturesOutMixin, Transf
         products = self._products(X)
         refs, owner = flatten_products(products)
         device, precision = self._call_device()
-        out = np.zeros((len(products), self.n_features_out_), dtype=np.float32)
-        batches = self._image_vectors(refs, device, precision)
-        for start, rows in pool_products(batches, owner, how=self.pooling, fallback_name="a zero vector"):
-            out[start : start + len(rows)] = rows
-        return out
+        check_out(self.out)
+        cache = self._cache()
+        with vector_output(self.out, (len(products), self.n_features_out_), name=self.fingerprint_,
+                           cache_folder=None if cache is None else cache.directory) as out:
+            batches = self._image_vectors(refs, device, precision, source=X)
+            for start, rows in pool_products(batches, owner, how=self.pooling, fallback_name="a zero vector"):
+                out.array[start : start + len(rows)] = rows
+        return out.result
 
     # -- pictures to vectors ---------------------------------------------------
     def _cache(self) -> EmbeddingCache | None:
@@ -185,13 +229,26 @@ class ImageEmbedder(ImageEstimatorMixin, ClassNamePrefixFeaturesOutMixin, Transf
             return self.cache
         return EmbeddingCache(self.cache)
 
-    def _call_fingerprint(self, precision: str) -> str:
+    def _call_fingerprint(self, precision: str, fitting: bool = False) -> str:
         """The cache key of this call's vectors: the fit's, unless the precision had to fall back."""
-        if precision == self.precision_:
+        if precision == self.precision_ and not fitting:
             return self.fingerprint_
-        return fingerprint(parse_backbone(self.backbone), self._weights_id, self.preprocessing_, precision)
+        return fingerprint(parse_backbone(self.backbone), self._weights_id, self.preprocessing_, precision,
+                           runtime=getattr(self, "runtime_", "torch"), decode=getattr(self, "decode_", "cpu"))
 
-    def _image_vectors(self, refs: list, device, precision: str):
+    def _fit_device(self):
+        """``device_``, ``precision_`` (bf16 on CPUs with native bf16 for ``"auto"``), ``runtime_`` and ``decode_``."""
+        from .image_pipeline.device import resolve_precision
+        from .image_pipeline.device_decode import resolve_decode
+        from .runtimes import resolve_runtime
+
+        device = self._call_device_only()
+        precision = resolve_precision(self.precision, device, inference=True)
+        self.runtime_, self.precision_ = resolve_runtime(self.runtime, device, precision, precision_asked=self.precision)
+        self.device_, self.decode_ = str(device), resolve_decode(self.decode, device)
+        return device
+
+    def _image_vectors(self, refs: list, device, precision: str, source=None):
         """Yield ``(positions, vectors, used)`` over every picture of ``refs``, in order.
 
         Without a cache the backbone's batches stream straight to pooling.
@@ -199,12 +256,24 @@ class ImageEmbedder(ImageEstimatorMixin, ClassNamePrefixFeaturesOutMixin, Transf
         stored as it is computed), then the pictures are yielded in blocks.
         """
         cache = self._cache()
+        remote = distributed_extractor(self, cache)  # None outside a skproduct.distributed.cluster(...) block
         if cache is None:
             for positions, vectors, used, _ in self._batches(refs, device, precision):
                 yield positions, vectors, used
             return
         key = self._call_fingerprint(precision)
-        keys, readable = self._keys(refs)
+        all_keys, all_readable = self._keys(refs, source)
+        located = bson_images(source, self.column) is not None and len(bson_images(source, self.column)) == len(source)
+        for begin in range(0, len(refs), _LOOKUP_BLOCK):  # memory: one block of pictures' vectors, not the catalogue
+            end = min(len(refs), begin + _LOOKUP_BLOCK)
+            for positions, vectors, used in self._block_vectors(
+                refs[begin:end], all_keys[begin:end], all_readable[begin:end], cache, key, remote, device, precision,
+                located=located,
+            ):
+                yield positions + begin, vectors, used
+
+    def _block_vectors(self, refs, keys, readable, cache, key, remote, device, precision, located=False):
+        """:meth:`_image_vectors` over one block of pictures (positions within the block)."""
         good, bad = np.flatnonzero(readable), np.flatnonzero(~readable)
         unique, first, inverse = np.unique(keys[good], return_index=True, return_inverse=True)
         # One table: a row per distinct readable picture, then one per unreadable picture (no key, never cached).
@@ -214,8 +283,16 @@ class ImageEmbedder(ImageEstimatorMixin, ClassNamePrefixFeaturesOutMixin, Transf
         if found.any():
             table[np.flatnonzero(found)] = unique_vectors
         missing = np.flatnonzero(~found)
+        if len(missing) and located:
+            # Pictures keyed by their place in a BSON file may sit in the cache under their content key (caches
+            # filled before place keys): found there, they are copied to their place key and never recomputed.
+            moved, vectors = self._found_by_content([refs[good[first[m]]] for m in missing], cache, key,
+                                                    unique[missing])
+            if len(moved):
+                table[missing[moved]] = vectors
+                missing = np.delete(missing, moved)
         if len(missing):
-            self._extract_into(
+            (self._extract_into if remote is None else remote.extract_into)(
                 [refs[good[first[m]]] for m in missing], table, table_used, missing, cache, key, unique[missing],
                 device, precision,
             )
@@ -228,27 +305,56 @@ class ImageEmbedder(ImageEstimatorMixin, ClassNamePrefixFeaturesOutMixin, Transf
             rows = place[start : start + _POOL_BLOCK]
             yield np.arange(start, start + len(rows)), table[rows], table_used[rows]
 
-    def _keys(self, refs: list) -> tuple[np.ndarray, np.ndarray]:
+    @staticmethod
+    def _found_by_content(refs: list, cache: EmbeddingCache, key: str, place_keys: np.ndarray):
+        """``(indices, vectors)`` of the ``refs`` cached under their content key; stored under ``place_keys`` too."""
+        from .exceptions import ImageDecodeError
+
+        def contents():
+            for ref in refs:
+                try:
+                    yield picture_content(ref)
+                except ImageDecodeError:
+                    yield b""  # extraction will apply the bad-picture policy
+
+        vectors, found = cache.get(key, EmbeddingCache.keys_for(contents()))
+        cache.misses -= len(refs)  # counted by the place-key lookup already: one hit or one miss per picture
+        indices = np.flatnonzero(found)
+        if len(indices):
+            cache.put(key, place_keys[indices], vectors)
+        return indices, vectors
+
+    def _keys(self, refs: list, source=None) -> tuple[np.ndarray, np.ndarray]:
         """Content keys of the pictures, and which pictures could be read at all."""
         from .exceptions import ImageDecodeError
 
-        contents, readable = [], np.ones(len(refs), dtype=bool)
-        for i, ref in enumerate(refs):
-            try:
-                contents.append(picture_content(ref))
-            except ImageDecodeError:
-                if self.on_error == "raise":
-                    raise
-                readable[i] = False
-                contents.append(b"")
-        return EmbeddingCache.keys_for(contents), readable
+        images = bson_images(source, self.column)  # BSON pictures: keys from their byte ranges, in numpy
+        if images is not None and len(images) == len(source):
+            return bson_picture_keys(images), np.ones(len(refs), dtype=bool)
+
+        readable = np.ones(len(refs), dtype=bool)
+
+        def contents():  # one picture's bytes at a time: memory never holds every picture
+            for i, ref in enumerate(refs):
+                try:
+                    yield picture_content(ref)
+                except ImageDecodeError:
+                    if self.on_error == "raise":
+                        raise
+                    readable[i] = False
+                    yield b""
+
+        return EmbeddingCache.keys_for(contents()), readable
 
     def _batches(self, refs: list, device, precision: str):
         """The backbone over ``refs`` in order (:func:`~skproduct.image_pipeline.data.run_module`)."""
         from .image_pipeline.data import run_module
 
+        if getattr(self, "decode_", "cpu") == "device":
+            from .image_pipeline.device_decode import run_device_decoded as run_module
         return run_module(
-            self._model(device), refs, self.preprocessing_, batch_size=self.batch_size, num_workers=self.num_workers,
+            self._engine_for(device, precision), refs, self.preprocessing_, batch_size=self.batch_size,
+            num_workers=self.num_workers,
             device=device, precision=precision, on_error=self.on_error, verbose=self.verbose,
             desc=f"embedding ({self.backbone})",
         )
@@ -297,6 +403,33 @@ class ImageEmbedder(ImageEstimatorMixin, ClassNamePrefixFeaturesOutMixin, Transf
             self._module_device = device
         return self._module
 
+    def _engine_for(self, device, precision: str):
+        """The engine of this call (:mod:`skproduct.runtimes`): the torch module, or an exported one built once."""
+        runtime = getattr(self, "runtime_", "torch")
+        if runtime == "torch":
+            module = self._model(device)
+            if getattr(self, "compile", False):
+                import torch
+
+                if getattr(self, "_compiled_for", None) is not module:
+                    self._compiled, self._compiled_for = torch.compile(module), module
+                return self._compiled
+            return module
+        if device.type != "cpu":
+            raise ValueError(f"this embedder runs runtime={runtime!r}, which runs on CPUs only, and the device is "
+                             f"{device}: set_params(device='cpu'), or refit with runtime='torch'")
+        engine = getattr(self, "_engine", None)
+        if engine is None or engine.precision != precision:
+            from .runtimes import build_engine, export_folder
+
+            export_key = fingerprint(parse_backbone(self.backbone), self._weights_id, self.preprocessing_, "fp32")
+            engine = build_engine(
+                runtime, precision, module_factory=lambda: self._model(device), export_key=export_key,
+                folder=export_folder(self._cache()), input_size=self.preprocessing_.input_size,
+            )
+            self._engine = engine
+        return engine
+
     def _embedding_size(self, device) -> int:
         cache = self._cache()
         if cache is not None:
@@ -310,6 +443,8 @@ class ImageEmbedder(ImageEstimatorMixin, ClassNamePrefixFeaturesOutMixin, Transf
     # -- persistence -------------------------------------------------------------
     def __getstate__(self):
         state = super().__getstate__()
+        for name in ("_engine", "_compiled", "_compiled_for"):
+            state.pop(name, None)
         module = state.pop("_module", None)
         if module is not None:
             state["_state_to_restore"] = {k: v.detach().cpu() for k, v in module.state_dict().items()}
@@ -317,5 +452,8 @@ class ImageEmbedder(ImageEstimatorMixin, ClassNamePrefixFeaturesOutMixin, Transf
         return state
 
     def __setstate__(self, state):
+        # embedders saved before these parameters: what they did then
+        for name, before in (("out", "memory"), ("runtime", "torch"), ("decode", "cpu"), ("compile", False)):
+            state.setdefault(name, before)
         super().__setstate__(state)
-        self._module = None
+        self._module = self._engine = None

@@ -34,7 +34,9 @@ def cdiscount_products(cdiscount_sample, tmp_path_factory):
 
 
 def _unique_pictures(products: pd.DataFrame) -> int:
-    return len({ref.read_bytes() for refs in products["images"] for ref in refs})
+    # BSON pictures are keyed by their byte range in the file (issue 14): each one is extracted once, and two
+    # products that hold byte-identical pictures at different offsets each get their own
+    return len({(ref.path, ref.offset) for refs in products["images"] for ref in refs})
 
 
 def _count_extracted(monkeypatch) -> list[int]:
@@ -426,3 +428,27 @@ def test_references_for_worker_processes_pack_into_arrays(cdiscount_products):
     assert [CompactRefs.pack(paths)[i] for i in range(3)] == paths
     mixed = [refs[0], "a.jpg"]
     assert CompactRefs.pack(mixed) is mixed  # anything else stays a list
+
+
+def test_bson_pictures_cached_under_content_keys_are_found_and_not_recomputed(cdiscount_sample, tmp_path,
+                                                                                 monkeypatch):
+    """A cache filled before BSON pictures were keyed by their place (content keys) still serves them."""
+    import skproduct.embed as embed
+    from skproduct import read_bson
+    from skproduct.images import picture_content
+
+    products = read_bson(cdiscount_sample, index_path=tmp_path / "sample.skpidx").iloc[:12]
+    as_bytes = [[picture_content(ref) for ref in refs] for refs in products["images"]]  # content keys only
+    options = {"backbone": "timm:test_resnet", "pretrained": False, "image_size": 32, "precision": "fp32",
+               "cache": tmp_path / "cache"}
+    expected = embed.ImageEmbedder(**options).fit(as_bytes).transform(as_bytes)
+    monkeypatch.setattr(embed, "build_backbone", lambda *a, **k: pytest.fail("a cached picture was recomputed"))
+    from skproduct import EmbeddingCache
+
+    cache = EmbeddingCache(tmp_path / "cache")
+    again = embed.ImageEmbedder(**{**options, "cache": cache}).fit(products)
+    before = cache.hits, cache.misses
+    np.testing.assert_array_equal(again.transform(products), expected)
+    distinct = len({bytes(b) for refs in as_bytes for b in refs})
+    assert (cache.hits - before[0], cache.misses - before[1]) == (distinct, 0)  # one hit per picture, no miss
+    np.testing.assert_array_equal(again.transform(products), expected)  # now found under their place keys

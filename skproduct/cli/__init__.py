@@ -1,4 +1,4 @@
-"""The ``skproduct`` command line: ``fit``, ``predict``, ``extract``, ``evaluate`` and ``demo``.
+"""The ``skproduct`` command line: ``fit``, ``predict``, ``extract``, ``evaluate``, ``match`` and ``demo``.
 
 Each subcommand is one function of the parsed arguments. Mistakes in how a
 command is called end in one line on stderr, ``skproduct: error: <what and how

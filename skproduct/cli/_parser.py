@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 
+from ..distributed._cli import add_cluster_options, with_cluster
 from . import CommandError
 from ._cache_command import add_cache_command
 from ._commands import run_demo, run_evaluate, run_extract, run_fit, run_predict
+from ._match_command import add_match_command
 
 HEADS = ("logistic", "linear", "lgbm", "hierarchical", "finetune")
 LOCAL_ESTIMATORS = ("logistic", "linear", "lgbm")
-STRATEGIES = ("per_level", "per_parent", "flat")
+STRATEGIES = ("per_level", "per_parent", "flat", "tree")
 ON_ERROR = ("raise", "skip", "blank")
 ON_TRUNCATED = ("raise", "warn")
 ON_MISSING = ("raise", "drop")
@@ -52,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(commands)
     _add_demo(commands)
     add_cache_command(commands, _add_command)
+    add_match_command(commands, _add_command, [_data_options(), _backbone_options(), _runtime_options(on_error="skip")],
+                      _positive_int)
     return parser
 
 
@@ -181,7 +185,9 @@ examples:
   skproduct fit train.csv --images train_images --head lgbm --out model.joblib""",
         [_data_options(), _backbone_options(), _runtime_options(on_error="raise")],
     )
-    parser.add_argument("train", metavar="TRAIN", help="a .bson file, or a .csv file of images")
+    parser.add_argument("train", metavar="TRAIN", nargs="+",
+                        help="a .bson file (or several, or a quoted glob such as 'train-*.bson'), or a .csv file of "
+                             "images")
     parser.add_argument("--out", required=True, metavar="FILE", help="where the model is saved (joblib)")
     parser.add_argument("--categories", metavar="CSV", help="the category tree, as Cdiscount's category_names.csv")
     head = parser.add_argument_group("head")
@@ -197,7 +203,8 @@ examples:
     )
     head.add_argument(
         "--strategy", choices=STRATEGIES, default="per_level",
-        help="with --head hierarchical: one classifier per parent node, per level, or one flat one "
+        help="with --head hierarchical: one classifier per parent node, per level, or one flat one; tree: one "
+        "TreeHeadClassifier (a torch softmax per level, trained jointly; --local-estimator is not used) "
         "(default: %(default)s)",
     )
     head.add_argument(
@@ -228,13 +235,16 @@ examples:
         [_data_options(), _runtime_options(on_error="skip")],
     )
     parser.add_argument("model", metavar="MODEL", help="a model saved by 'skproduct fit' (from a trusted source)")
-    parser.add_argument("test", metavar="TEST", help="a .bson file, or a .csv file of images")
+    parser.add_argument("test", metavar="TEST", nargs="+",
+                        help="a .bson file (or several, or a quoted glob such as 'test-*.bson'), or a .csv file of "
+                             "images")
     parser.add_argument("--out", required=True, metavar="FILE", help="the submission CSV to write ('-': stdout)")
     parser.add_argument(
         "--top-k", type=_positive_int, default=1, metavar="K",
         help="write the K most probable classes per product (default: %(default)s)",
     )
-    parser.set_defaults(run=run_predict)
+    add_cluster_options(parser, _positive_int)  # --scheduler / --workers (skproduct.distributed)
+    parser.set_defaults(run=with_cluster(run_predict))
 
 
 def _add_extract(commands) -> None:
@@ -250,9 +260,16 @@ example:
   skproduct extract train.bson --backbone timm:convnext_tiny --cache ~/emb --device cuda""",
         [_data_options(), _backbone_options(), _runtime_options(on_error="skip", cache_required=True)],
     )
-    parser.add_argument("data", metavar="DATA", help="a .bson file, or a .csv file of images")
+    parser.add_argument("data", metavar="DATA", nargs="+",
+                        help="a .bson file (or several, or a quoted glob), or a .csv file of images")
     parser.add_argument("--out", metavar="FILE", help="also save the product vectors as a .npy file")
-    parser.set_defaults(run=run_extract)
+    parser.add_argument(
+        "--cache-dtype", choices=("float32", "float16"), default="float32",
+        help="how new vectors are stored: float16 takes half the disk (accuracy cost: docs 'Sizing a run'; "
+             "default: %(default)s)",
+    )
+    add_cluster_options(parser, _positive_int)  # --scheduler / --workers (skproduct.distributed)
+    parser.set_defaults(run=with_cluster(run_extract))
 
 
 def _add_evaluate(commands) -> None:
@@ -273,7 +290,8 @@ example:
         [_data_options(), _runtime_options(on_error="skip")],
     )
     parser.add_argument("model", metavar="MODEL", help="a model saved by 'skproduct fit' (from a trusted source)")
-    parser.add_argument("data", metavar="DATA", help="a labelled .bson file, or a .csv file of images")
+    parser.add_argument("data", metavar="DATA", nargs="+",
+                        help="a labelled .bson file (or several, or a quoted glob), or a .csv file of images")
     parser.add_argument("--categories", metavar="CSV", help="the category tree, as Cdiscount's category_names.csv")
     parser.add_argument(
         "--top-k", type=_positive_int, default=5, metavar="K", help="k of the top-k accuracy (default: %(default)s)"
