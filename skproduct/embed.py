@@ -262,8 +262,7 @@ class ImageEmbedder(ImageEstimatorMixin, ClassNamePrefixFeaturesOutMixin, Transf
                 yield positions, vectors, used
             return
         key = self._call_fingerprint(precision)
-        all_keys, all_readable = self._keys(refs, source)
-        located = bson_images(source, self.column) is not None and len(bson_images(source, self.column)) == len(source)
+        all_keys, all_readable, located = self._keys(refs, source)
         for begin in range(0, len(refs), _LOOKUP_BLOCK):  # memory: one block of pictures' vectors, not the catalogue
             end = min(len(refs), begin + _LOOKUP_BLOCK)
             for positions, vectors, used in self._block_vectors(
@@ -324,13 +323,14 @@ class ImageEmbedder(ImageEstimatorMixin, ClassNamePrefixFeaturesOutMixin, Transf
             cache.put(key, place_keys[indices], vectors)
         return indices, vectors
 
-    def _keys(self, refs: list, source=None) -> tuple[np.ndarray, np.ndarray]:
-        """Content keys of the pictures, and which pictures could be read at all."""
+    def _keys(self, refs: list, source=None) -> tuple[np.ndarray, np.ndarray, bool]:
+        """Keys of the pictures, which pictures could be read at all, and whether the keys are BSON place keys
+        (rather than content keys)."""
         from .exceptions import ImageDecodeError
 
         images = bson_images(source, self.column)  # BSON pictures: keys from their byte ranges, in numpy
         if images is not None and len(images) == len(source):
-            return bson_picture_keys(images), np.ones(len(refs), dtype=bool)
+            return bson_picture_keys(images), np.ones(len(refs), dtype=bool), True
 
         readable = np.ones(len(refs), dtype=bool)
 
@@ -344,7 +344,7 @@ class ImageEmbedder(ImageEstimatorMixin, ClassNamePrefixFeaturesOutMixin, Transf
                     readable[i] = False
                     yield b""
 
-        return EmbeddingCache.keys_for(contents()), readable
+        return EmbeddingCache.keys_for(contents()), readable, False
 
     def _batches(self, refs: list, device, precision: str):
         """The backbone over ``refs`` in order (:func:`~skproduct.image_pipeline.data.run_module`)."""
