@@ -68,11 +68,30 @@ def _file_id(path: str) -> bytes:
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser: a bijection of uint64 that spreads every input bit over the output."""
+    """splitmix64's finaliser, in place on ``x`` (uint64): a bijection that spreads every input bit over the output.
+
+    In place, with one scratch array, so that millions of keys cost no fresh
+    temporaries (each one a round of page faults) per step.
+    """
+    scratch = np.empty_like(x)
     with np.errstate(over="ignore"):
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
+        for shift, multiplier in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+            np.right_shift(x, np.uint64(shift), out=scratch)
+            np.bitwise_xor(x, scratch, out=x)
+            np.multiply(x, np.uint64(multiplier), out=x)
+        np.right_shift(x, np.uint64(31), out=scratch)
+        np.bitwise_xor(x, scratch, out=x)
+    return x
+
+
+def _picture_rows(images, count: np.ndarray, total: int) -> slice | np.ndarray:
+    """Where the pictures of ``images`` are in its offset/length arrays: a slice when they are contiguous."""
+    start = np.asarray(images._start, dtype=np.int64)
+    if len(start) and np.array_equal(start[1:], start[0] + np.cumsum(count[:-1])):
+        return slice(int(start[0]), int(start[0]) + total)  # a whole file, or a contiguous run of its products
+    first = np.repeat(start - np.cumsum(count) + count, count)
+    first += np.arange(total, dtype=np.int64)
+    return first
 
 
 def bson_picture_keys(images) -> np.ndarray:
@@ -97,16 +116,24 @@ def bson_picture_keys(images) -> np.ndarray:
     if (count < 0).any():
         raise ValueError(f"product {int(np.flatnonzero(count < 0)[0])} has no pictures (a missing row)")
     total = int(count.sum())
-    first = np.repeat(np.asarray(images._start, dtype=np.int64) - np.cumsum(count) + count, count)
-    picture = first + np.arange(total, dtype=np.int64)
-    offset = images._img_offset[picture].astype(np.uint64)
-    length = images._img_length[picture].astype(np.uint64)
+    rows = _picture_rows(images, count, total)
+    offset = np.asarray(images._img_offset[rows], dtype=np.int64).view(np.uint64)
+    length = np.asarray(images._img_length[rows], dtype=np.int64).view(np.uint64)
     ids = np.frombuffer(b"".join(_file_id(p) for p in images._paths), dtype="<u8").reshape(-1, 2)
-    code = np.repeat(np.asarray(images._path_code, dtype=np.int64), count)
-    a, b = ids[code, 0], ids[code, 1]
+    codes = np.asarray(images._path_code)
+    if len(ids) == 1 or (len(codes) and (codes == codes[0]).all()):  # one file: its identity is two numbers
+        a, b = ids[codes[0] if len(codes) else 0]
+    else:
+        code = np.repeat(codes.astype(np.int64), count)
+        a, b = ids[code, 0], ids[code, 1]
     with np.errstate(over="ignore"):
         high = _mix(offset + a)  # a bijection of the offset within a file
-        low = _mix(b ^ _mix(length * _GOLDEN + offset) ^ high)
+        low = np.multiply(length, _GOLDEN)
+        low += offset
+        _mix(low)
+        low ^= b
+        low ^= high
+        _mix(low)
     keys = np.empty((total, 2), dtype="<u8")
     keys[:, 0], keys[:, 1] = high, low
     return keys.view("S16").ravel()
