@@ -78,15 +78,3 @@ def read_shared_bson(tmp_path):
 
     return read
 
-
-# Test modules that run in a pytest process of their own (tests/test_own_process.py starts it): with OpenVINO,
-# ONNX Runtime and torchvision's batched JPEG decoder loaded into the one long suite process, the interpreter
-# crashed later (SIGSEGV in unrelated tests or at exit; not in any subset run). The cause is not found yet.
-OWN_PROCESS_MODULES = ("test_runtimes.py", "test_device_decode.py")
-OWN_PROCESS_ENV = "SKPRODUCT_OWN_PROCESS"
-
-
-def pytest_ignore_collect(collection_path, config):
-    if collection_path.name in OWN_PROCESS_MODULES and not os.environ.get(OWN_PROCESS_ENV):
-        return True
-    return None

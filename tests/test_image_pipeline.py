@@ -82,3 +82,40 @@ def test_one_precision_policy():
     assert precision_for_call("bf16", cpu) == "bf16"  # kept: the numbers (and cache keys) stay the fit's
     with pytest.warns(DeviceFallbackWarning, match="fp16"):
         assert precision_for_call("fp16", cpu) == "fp32"
+
+
+
+def test_loaders_with_workers_install_no_sigchld_handler(monkeypatch, fashion_bson, tmp_path):
+    """torch's DataLoader installs a process-wide SIGCHLD handler; skproduct's loaders run without it.
+
+    With it installed and OpenVINO models in the process, the interpreter crashed (during the loader, or in a later
+    ``subprocess.run``): see skproduct/image_pipeline/worker_signals.py.
+    """
+    import signal
+
+    from torch.utils.data._utils import signal_handling
+
+    from skproduct import ImageEmbedder
+    from skproduct.io import read_bson
+
+    table = read_bson(fashion_bson, index_path=tmp_path / "f.skpidx").head(6)
+    tiny = dict(pretrained=False, image_size=32, batch_size=2, num_workers=1, precision="fp32")
+    expected = ImageEmbedder("timm:test_resnet", **{**tiny, "num_workers": 0}).fit_transform(table)
+    monkeypatch.setattr(signal_handling, "_SIGCHLD_handler_set", False)
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        for decode in ("cpu", "device"):
+            vectors = ImageEmbedder("timm:test_resnet", decode=decode, **tiny).fit_transform(table)
+            assert signal.getsignal(signal.SIGCHLD) == signal.SIG_DFL and not signal_handling._SIGCHLD_handler_set
+            if decode == "cpu":
+                np.testing.assert_allclose(vectors, expected, rtol=1e-5, atol=1e-6)
+
+        def users_handler(signum, frame):
+            pass
+
+        signal.signal(signal.SIGCHLD, users_handler)  # one installed before, by a loader of the user's
+        signal_handling._SIGCHLD_handler_set = True
+        ImageEmbedder("timm:test_resnet", **tiny).fit_transform(table)
+        assert signal.getsignal(signal.SIGCHLD) is users_handler and signal_handling._SIGCHLD_handler_set
+    finally:
+        signal.signal(signal.SIGCHLD, previous if previous is not None else signal.SIG_DFL)

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..exceptions import BadPictureWarning
 from ..images import BadImagePolicy
 from .device import autocast_dtype
+from .worker_signals import without_sigchld_handler
 
 __all__ = ["CompactRefs", "ImageDataset", "feature_size", "image_batches", "image_loader", "run_module"]
 
@@ -131,7 +132,7 @@ def image_batches(
     """
     n_bad = 0
     dtype = autocast_dtype(precision)
-    with torch.inference_mode(), progress:
+    with torch.inference_mode(), progress, without_sigchld_handler():
         for pixels, batch_used, batch_decoded, positions in image_loader(dataset, batch_size, num_workers, device):
             pixels = pixels.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):

@@ -42,6 +42,7 @@ from ..exceptions import BadPictureWarning, ImageDecodeError
 from ..images import BadImagePolicy, picture_content
 from .data import CompactRefs
 from .device import autocast_dtype
+from .worker_signals import without_sigchld_handler
 
 logger = logging.getLogger(__name__)
 
@@ -349,7 +350,7 @@ def run_device_decoded(
     progress = tqdm(total=len(refs), unit="img", disable=not verbose, desc=desc)
     n_bad = 0
     pending = None
-    with torch.inference_mode(), progress:
+    with torch.inference_mode(), progress, without_sigchld_handler():
         for items in loader:
             out, positions, used, decoded = run(items)
             if device.type == "cuda":  # copy back without waiting; the next batch is launched before it is read
