@@ -143,6 +143,25 @@ def test_exact_search_holds_bounded_memory_and_agrees_with_a_full_sort():
     assert np.allclose(sims, np.take_along_axis(full, expected, axis=1), atol=1e-6)
 
 
+
+@pytest.mark.parametrize("tile_rows", [7, 64, 10_000])
+def test_exact_search_in_tiles_of_the_base_agrees_with_a_full_sort(monkeypatch, tile_rows):
+    """The base is scored tile by tile, keeping each query's best so far: ties (coarse vectors) included."""
+    from skproduct.matching import _search
+
+    monkeypatch.setattr(_search, "TILE_ROWS", tile_rows)
+    rng = np.random.default_rng(1)
+    unit, _ = l2_normalize(np.round(rng.normal(size=(500, 6))))  # rounded: many equal similarities
+    sims, rows = nearest_neighbors(unit[:120], unit, 9, chunk_bytes=4 * 64 * 13)
+    full = unit[:120] @ unit.T
+    np.testing.assert_allclose(sims, -np.sort(-full, axis=1)[:, :9], atol=1e-6)
+    tied = np.isclose(full[np.arange(120)[:, None], rows], sims, atol=1e-6)
+    assert tied.all()  # every row found has the similarity of its rank (among ties, the lower rows come first)
+    for q in range(120):
+        cut = sims[q, -1]
+        above = np.flatnonzero(full[q] > cut + 1e-6)
+        assert set(above) <= set(rows[q])  # nothing strictly better was missed
+
 def test_a_missing_faiss_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss now raises ImportError
     X, _ = _synthetic(n_groups=5)
