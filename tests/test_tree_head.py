@@ -383,3 +383,38 @@ def test_cli_strategy_tree_builds_the_tree_head(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         assert np.isin(model.fit(X, y).predict(X), model.tree.leaves).all()
+
+
+def _mapping_rss_kib(path) -> int:
+    """Resident KiB of this process's mappings of ``path`` (Linux /proc/self/smaps)."""
+    import re
+
+    total, inside = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            if re.match(r"[0-9a-f]+-[0-9a-f]+ ", line):  # a mapping's header: its address range, ..., its file
+                inside = line.rstrip().endswith(str(path))
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_pages_read_from_a_memmap_are_released_and_its_data_kept(tmp_path):
+    from skproduct.heads.tree import release_pages
+
+    path = tmp_path / "x.npy"
+    X = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(4096, 256))
+    X[:] = 1.0
+    X.flush()
+    del X
+    X = np.load(path, mmap_mode="r")
+    assert float(X.sum()) == 4096 * 256  # every page read: 4 MiB resident
+    before = _mapping_rss_kib(path)
+    release_pages(np.asarray(X), 0, len(X))  # through a view, as validation hands it over
+    assert before > 3_000 and _mapping_rss_kib(path) < 100, (before, _mapping_rss_kib(path))
+    assert float(X.sum()) == 4096 * 256  # the data is the file's: read again from the page cache
+    private = np.load(path, mmap_mode="c")  # copy-on-write: releasing would lose the change, so it is left alone
+    private[0, 0] = 5.0
+    release_pages(private, 0, len(private))
+    assert private[0, 0] == 5.0

@@ -120,15 +120,22 @@ class TreeHeadNetwork(nn.Module):
 
 def _rows_of(X, rows, start: int, stop: int) -> np.ndarray:
     """A copy of ``X``'s rows ``start:stop`` of the training rows (all rows for None): a contiguous read when it
-    can be."""
+    can be; the pages read are then released from a memory-mapped ``X`` (:func:`~skproduct.heads.tree.release_pages`)."""
+    from .tree import release_pages
+
     if rows is None:
-        return np.array(X[start:stop])
+        block = np.array(X[start:stop])
+        release_pages(X, start, stop)
+        return block
     part = rows[start:stop]
     if not len(part):
         return np.array(X[part])
     if part[-1] - part[0] == len(part) - 1:  # contiguous: a slice, not a gather
-        return np.array(X[part[0] : part[-1] + 1])
-    return np.asarray(X[part])
+        block = np.array(X[part[0] : part[-1] + 1])
+    else:
+        block = np.asarray(X[part])
+    release_pages(X, int(part[0]), int(part[-1]) + 1)
+    return block
 
 
 def _to_tensor(block: np.ndarray, device) -> torch.Tensor:

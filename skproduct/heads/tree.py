@@ -31,12 +31,44 @@ _DTYPES = [np.float32, np.float64, np.float16]
 _FINITE_BLOCK_VALUES = 1 << 18
 
 
+def release_pages(X, start: int, stop: int) -> None:
+    """Drop the pages of rows ``start:stop`` of a read-only or shared memory-mapped ``X`` from this process's
+    resident memory once they have been copied out (``madvise(MADV_DONTNEED)``): the file stays in the page cache,
+    so reading them again costs a page fault, not a disk read, and streaming a file larger than memory keeps the
+    resident memory bounded by the blocks in use. Anything but a C-contiguous ``numpy.memmap`` in mode ``"r"`` or
+    ``"r+"`` is left alone (an anonymous or copy-on-write mapping would lose its data)."""
+    import mmap
+
+    if not isinstance(X, np.ndarray) or not X.flags.c_contiguous or stop <= start or X.ndim != 2:
+        return
+    # validation (np.asarray) turns a memmap into a plain view of it: find the memmap and its mmap down the bases
+    mode, handle, owner = None, None, X
+    while owner is not None and handle is None:
+        if isinstance(owner, np.memmap):
+            mode = mode or owner.mode
+        if isinstance(owner, mmap.mmap):
+            handle = owner
+        owner = getattr(owner, "base", None)
+    if handle is None or mode not in ("r", "r+") or not hasattr(handle, "madvise"):
+        return
+    base = np.frombuffer(handle, dtype=np.uint8).ctypes.data
+    row_bytes = X.strides[0]
+    first = X.ctypes.data - base + start * row_bytes
+    last = X.ctypes.data - base + min(stop, X.shape[0]) * row_bytes
+    page = mmap.PAGESIZE
+    first = (first + page - 1) // page * page  # whole pages inside the rows only: a neighbour's rows stay
+    last = last // page * page
+    if last > first >= 0 and last <= len(handle):
+        handle.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+
 def _check_finite(X) -> None:
     """Finite values, checked in blocks of rows so that a memory-mapped ``X`` is never copied whole."""
     step = max(1, _FINITE_BLOCK_VALUES // max(1, X.shape[1]))
     for start in range(0, X.shape[0], step):
         if not np.isfinite(X[start : start + step]).all():
             raise ValueError("Input X contains NaN or infinity; remove or impute those rows")
+        release_pages(X, start, start + step)
 
 
 class TreeHeadClassifier(VersionStampMixin, ClassifierMixin, BaseEstimator):
@@ -379,6 +411,7 @@ class TreeHeadClassifier(VersionStampMixin, ClassifierMixin, BaseEstimator):
                 out[rows] = np.argmax(self._leaf_scores(X[rows]), axis=1)
             else:
                 out[rows] = np.argmin(expected_tree_distance(self._leaf_proba(X[rows]), self.tree_), axis=1)
+            release_pages(X, rows.start, rows.stop)
         return self.classes_[out]
 
     def predict_proba_level(self, X, level: int) -> np.ndarray:
