@@ -162,6 +162,39 @@ def test_exact_search_in_tiles_of_the_base_agrees_with_a_full_sort(monkeypatch, 
         above = np.flatnonzero(full[q] > cut + 1e-6)
         assert set(above) <= set(rows[q])  # nothing strictly better was missed
 
+
+def test_fit_searches_nothing_and_match_catalogue_scales_by_brute_force_csls(monkeypatch):
+    """``fit`` without tuning searches nothing (``matches`` scales X within itself); ``match_catalogue``
+    computes the catalogue's CSLS radii once, and its scores are ``2 cos - r(query) - r(product)`` over the
+    nearest candidates by cosine."""
+    from skproduct.matching import _matcher
+
+    calls = []
+    real = _matcher.nearest_neighbors
+    monkeypatch.setattr(_matcher, "nearest_neighbors", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rng = np.random.default_rng(3)
+    catalogue, queries = rng.normal(size=(60, 5)), rng.normal(size=(7, 5))
+    matcher = ProductMatcher(4, threshold=-1.0, tune="off", local_scaling=3).fit(catalogue)
+    assert calls == []
+    matcher.matches(catalogue)
+    assert len(calls) == 1
+    found, scores = matcher.match_catalogue(queries, return_similarity=True)
+    matcher.match_catalogue(queries)
+    assert len(calls) == 1 + 2 + 1  # the radii once, then one search per call
+    unit_c, _ = l2_normalize(catalogue)
+    unit_q, _ = l2_normalize(queries)
+    within = unit_c @ unit_c.T
+    np.fill_diagonal(within, -np.inf)
+    r_catalogue = np.sort(within, axis=1)[:, ::-1][:, :3].mean(axis=1)
+    across = unit_q @ unit_c.T
+    r_query = np.sort(across, axis=1)[:, ::-1][:, :3].mean(axis=1)
+    csls = 2 * across - r_query[:, None] - r_catalogue[None, :]
+    for q in range(len(queries)):  # CSLS re-ranks the 4 nearest by cosine (the candidates of the search)
+        candidates = np.argsort(-across[q], kind="stable")[:4]
+        best = candidates[np.argsort(-csls[q, candidates], kind="stable")]
+        assert found[q].tolist() == best.tolist()
+        np.testing.assert_allclose(scores[q], csls[q, best], atol=1e-5)
+
 def test_a_missing_faiss_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss now raises ImportError
     X, _ = _synthetic(n_groups=5)

@@ -72,7 +72,10 @@ class ProductMatcher(BaseEstimator):
         product's mean similarity to its ``local_scaling`` nearest neighbours
         (0: off). Products in a crowded region (many look-alikes: the hard
         negatives of a category) need a higher cosine to match. The threshold
-        then applies to this score (which can be negative).
+        then applies to this score (which can be negative). ``matches``
+        takes ``r`` from its own search; the catalogue's ``r``, which only
+        :meth:`match_catalogue` needs, is computed by its first call, so
+        ``fit`` without tuning searches nothing.
     query_expansion : int, default=0
         Blend each vector with this many nearest neighbours before matching
         (0: off), weighted by similarity to the power ``expansion_alpha``.
@@ -197,11 +200,7 @@ class ProductMatcher(BaseEstimator):
         self._raw_catalogue = unit if self.query_expansion else None
         self._catalogue_zero = zero
         self.catalogue_ = self._expand(unit, zero, unit) if self.query_expansion else unit
-        self._catalogue_radius = None
-        if self.local_scaling:
-            sims, _ = self._search(self.catalogue_, zero, self.catalogue_, zero, self.local_scaling, True,
-                                   scale=False)
-            self._catalogue_radius = _radius(sims)
+        self._catalogue_radius = None  # CSLS radii of the catalogue: computed by the first match_catalogue call
         self.threshold_, self.n_neighbors_ = float(self.threshold), int(self.n_neighbors)
         self.best_score_, self.tuning_ = None, None
         if y is not None and self.tune != "off":
@@ -316,7 +315,7 @@ class ProductMatcher(BaseEstimator):
         if self.query_expansion:
             unit = self._expand(unit, zero, self._raw_catalogue, base_zero=self._catalogue_zero)
         sims, rows = self._search(unit, zero, self.catalogue_, self._catalogue_zero, self.n_neighbors_, False,
-                                  base_radius=self._catalogue_radius)
+                                  base_radius=self._radius_of_catalogue())
         return choose(sims, rows, self.threshold_, self.n_neighbors_, False, return_similarity=return_similarity,
                       with_self=False)
 
@@ -331,6 +330,20 @@ class ProductMatcher(BaseEstimator):
                 EmptyProductWarning, stacklevel=3,
             )
         return unit, zero
+
+    def _radius_of_catalogue(self) -> np.ndarray | None:
+        """The catalogue's CSLS radii (each product's mean similarity to its ``local_scaling`` nearest others).
+
+        Only :meth:`match_catalogue` needs them (:meth:`matches` scales ``X``
+        within itself), so ``fit`` does not search the catalogue for them:
+        the first call computes them once, as a cache derived from the
+        fitted catalogue (the same numbers whenever they are computed).
+        """
+        if self.local_scaling and self._catalogue_radius is None:
+            sims, _ = self._search(self.catalogue_, self._catalogue_zero, self.catalogue_, self._catalogue_zero,
+                                   self.local_scaling, True, scale=False)
+            self._catalogue_radius = _radius(sims)
+        return self._catalogue_radius
 
     def _within(self, unit: np.ndarray, zero: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return self._search(unit, zero, unit, zero, k, True, scale=True)
