@@ -18,7 +18,7 @@ from .backbones import Preprocessing
 from .heads._tree_training import leaf_log_proba, level_losses
 from .image_pipeline.data import ImageDataset
 from .image_pipeline.device import autocast_dtype
-from .image_pipeline.worker_signals import without_sigchld_handler
+from .image_pipeline.worker_signals import WorkerLoader
 
 
 class ClassifierNetwork(nn.Module):
@@ -107,46 +107,42 @@ def train_epoch(
     weight; pictures the bad-picture policy skipped are left out of the batch.
     ``lr_at(i)`` is the learning rate of the epoch's ``i``-th step.
     """
-    from torch.utils.data import DataLoader
-
     network.train()
     if frozen_backbone:
         network.backbone.eval()  # batch-norm statistics stay those of the pretrained network
     dtype = autocast_dtype(precision)
-    loader = DataLoader(
+    loader = WorkerLoader(
         dataset, batch_sampler=batches, num_workers=num_workers, pin_memory=device.type == "cuda", generator=generator
     )
     total_loss = torch.zeros((), device=device)  # summed on the device: no synchronisation per step
     total_weight, n_pictures = 0.0, 0
-    with without_sigchld_handler():
-        for step, (pixels, used, _, positions) in enumerate(loader):
-            progress.update(len(positions))
-            kept = positions[used]  # skipped pictures stay out of the forward pass and its batch statistics
-            batch_weights = weights[kept]
-            if len(kept) < 2 or float(batch_weights.sum()) == 0.0:  # batch norm needs two pictures
-                continue
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step)
-            pixels = pixels[used].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            batch_weights = batch_weights.to(device)
-            batch_targets = targets[kept].to(device)
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                if frozen_backbone:
-                    with torch.no_grad():
-                        features = network.backbone(pixels)
-                else:
+    for step, (pixels, used, _, positions) in enumerate(loader):
+        progress.update(len(positions))
+        kept = positions[used]  # skipped pictures stay out of the forward pass and its batch statistics
+        batch_weights = weights[kept]
+        if len(kept) < 2 or float(batch_weights.sum()) == 0.0:  # batch norm needs two pictures
+            continue
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        pixels = pixels[used].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        batch_weights = batch_weights.to(device)
+        batch_targets = targets[kept].to(device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            if frozen_backbone:
+                with torch.no_grad():
                     features = network.backbone(pixels)
-                logits = network.logits(features)
-            # the per-level loss TreeHeadClassifier trains on too
-            loss = level_losses(logits, batch_targets, batch_weights, label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            weight = float(weights[kept].sum())
-            total_loss += loss.detach() * weight
-            total_weight += weight
-            n_pictures += len(kept)
+            else:
+                features = network.backbone(pixels)
+            logits = network.logits(features)
+        loss = level_losses(logits, batch_targets, batch_weights, label_smoothing)  # shared with TreeHeadClassifier
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        weight = float(weights[kept].sum())
+        total_loss += loss.detach() * weight
+        total_weight += weight
+        n_pictures += len(kept)
     return (float(total_loss) / total_weight if total_weight else float("nan")), n_pictures
 
 

@@ -12,9 +12,8 @@ import logging
 import os
 import time
 import uuid
-import warnings
 
-from ..exceptions import BadPictureWarning
+from ..image_pipeline.data import warn_bad_pictures
 from ._context import ClusterConfig, ClusterError
 from ._shards import make_shards
 
@@ -94,13 +93,7 @@ class DistributedExtractor:
                 "process share, at the same path (a network file system mounted alike everywhere), not a local "
                 "folder of each machine"
             )
-        if n_bad:
-            on_error = self.embedder.on_error
-            done = "skipped" if on_error == "skip" else "replaced by blank pictures"
-            warnings.warn(
-                f"{n_bad} of {len(keys)} pictures could not be decoded on the workers and were {done} "
-                f"(on_error={on_error!r})", BadPictureWarning, stacklevel=5,
-            )
+        warn_bad_pictures(n_bad, len(keys), self.embedder.on_error, where=" on the workers", stacklevel=5)
 
     def _record(self, reports, shards, n_pictures: int, seconds: float, timings: dict) -> None:
         per_worker: dict = {}

@@ -15,9 +15,10 @@ from torch.utils.data import DataLoader, Dataset
 from ..exceptions import BadPictureWarning
 from ..images import BadImagePolicy
 from .device import autocast_dtype
-from .worker_signals import without_sigchld_handler
+from .worker_signals import WorkerLoader
 
-__all__ = ["CompactRefs", "ImageDataset", "feature_size", "image_batches", "image_loader", "run_module"]
+__all__ = ["CompactRefs", "ImageDataset", "feature_size", "image_batches", "image_loader", "run_module",
+           "warn_bad_pictures"]
 
 
 class CompactRefs:
@@ -102,7 +103,7 @@ class ImageDataset(Dataset):
 
 def image_loader(dataset: ImageDataset, batch_size: int, num_workers: int, device: torch.device) -> DataLoader:
     """Batches of ``(pixels, used, decoded, positions)`` in order, decoded in ``num_workers`` processes."""
-    return DataLoader(
+    return WorkerLoader(
         dataset,
         batch_size=batch_size,
         shuffle=False,
@@ -132,7 +133,7 @@ def image_batches(
     """
     n_bad = 0
     dtype = autocast_dtype(precision)
-    with torch.inference_mode(), progress, without_sigchld_handler():
+    with torch.inference_mode(), progress:
         for pixels, batch_used, batch_decoded, positions in image_loader(dataset, batch_size, num_workers, device):
             pixels = pixels.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
@@ -141,12 +142,18 @@ def image_batches(
             n_bad += int((~decoded).sum())
             progress.update(len(positions))
             yield positions.numpy(), out.float().cpu().numpy() * used[:, None], used, decoded
+    warn_bad_pictures(n_bad, len(dataset), on_error, stacklevel=3)
+
+
+def warn_bad_pictures(n_bad: int, n_pictures: int, on_error: str, *, where: str = "",
+                      stacklevel: int = 2) -> None:
+    """One :class:`~skproduct.exceptions.BadPictureWarning` for the ``n_bad`` pictures that did not decode (none
+    when ``n_bad`` is 0); ``where`` says where they were decoded (``" on the workers"``)."""
     if n_bad:
         done = "skipped" if on_error == "skip" else "replaced by blank pictures"
         warnings.warn(
-            f"{n_bad} of {len(dataset)} pictures could not be decoded and were {done} (on_error={on_error!r})",
-            BadPictureWarning,
-            stacklevel=2,
+            f"{n_bad} of {n_pictures} pictures could not be decoded{where} and were {done} (on_error={on_error!r})",
+            BadPictureWarning, stacklevel=stacklevel + 1,
         )
 
 

@@ -36,13 +36,13 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from ..exceptions import BadPictureWarning, ImageDecodeError
+from ..exceptions import ImageDecodeError
 from ..images import BadImagePolicy, picture_content
-from .data import CompactRefs
+from .data import CompactRefs, warn_bad_pictures
 from .device import autocast_dtype
-from .worker_signals import without_sigchld_handler
+from .worker_signals import WorkerLoader
 
 logger = logging.getLogger(__name__)
 
@@ -341,7 +341,7 @@ def run_device_decoded(
     from tqdm.auto import tqdm
 
     dataset = EncodedDataset(refs, on_error, preprocessing.input_size, compact=num_workers > 0)
-    loader = DataLoader(
+    loader = WorkerLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_as_list,
         pin_memory=device.type == "cuda", prefetch_factor=4 if num_workers else None,
         persistent_workers=False,
@@ -350,7 +350,7 @@ def run_device_decoded(
     progress = tqdm(total=len(refs), unit="img", disable=not verbose, desc=desc)
     n_bad = 0
     pending = None
-    with torch.inference_mode(), progress, without_sigchld_handler():
+    with torch.inference_mode(), progress:
         for items in loader:
             out, positions, used, decoded = run(items)
             if device.type == "cuda":  # copy back without waiting; the next batch is launched before it is read
@@ -366,13 +366,7 @@ def run_device_decoded(
             progress.update(len(positions))
         if pending is not None:
             yield _finish(pending)
-    if n_bad:
-        done = "skipped" if on_error == "skip" else "replaced by blank pictures"
-        warnings.warn(
-            f"{n_bad} of {len(dataset)} pictures could not be decoded and were {done} (on_error={on_error!r})",
-            BadPictureWarning,
-            stacklevel=2,
-        )
+    warn_bad_pictures(n_bad, len(dataset), on_error, stacklevel=3)
 
 
 def _finish(pending) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -9,8 +9,9 @@ that also held OpenVINO compiled models this crashed the interpreter
 (SIGSEGV, during the loader or in a later ``subprocess.run``; reproduced with
 three of skproduct's tests, gone when the handler was not installed).
 
-Decision: :func:`without_sigchld_handler` keeps torch from installing it while
-skproduct's loaders run. A worker that dies is still reported: the loader
+Decision: skproduct's loaders are :class:`WorkerLoader`, a DataLoader whose
+worker iterators start under :func:`without_sigchld_handler`, so torch never
+installs it for them. A worker that dies is still reported: the loader
 checks its workers whenever it waits for a batch (every 5 seconds,
 ``torch.utils.data._utils.MP_STATUS_CHECK_INTERVAL``), so the error comes up to
 5 seconds later instead of at once. A handler that a loader of the user's
@@ -23,7 +24,9 @@ import contextlib
 import threading
 from collections.abc import Iterator
 
-__all__ = ["without_sigchld_handler"]
+from torch.utils.data import DataLoader
+
+__all__ = ["WorkerLoader", "without_sigchld_handler"]
 
 
 def _torch_signal_state():
@@ -57,3 +60,24 @@ def without_sigchld_handler() -> Iterator[None]:
         yield
     finally:
         state._SIGCHLD_handler_set = False
+
+
+class WorkerLoader(DataLoader):
+    """A :class:`torch.utils.data.DataLoader` that starts its workers without torch's SIGCHLD handler.
+
+    torch installs the handler when a multi-process iterator is created; this
+    loader creates its iterators under :func:`without_sigchld_handler`.
+
+    Examples
+    --------
+    >>> import signal
+    >>> before = signal.getsignal(signal.SIGCHLD)
+    >>> [b.tolist() for b in WorkerLoader(list(range(4)), batch_size=2, num_workers=1)]
+    [[0, 1], [2, 3]]
+    >>> signal.getsignal(signal.SIGCHLD) is before
+    True
+    """
+
+    def _get_iterator(self):
+        with without_sigchld_handler():
+            return super()._get_iterator()
