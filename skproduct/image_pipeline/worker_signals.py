@@ -2,10 +2,9 @@
 
 The first multi-process ``torch.utils.data.DataLoader`` of a process installs a
 Python SIGCHLD handler (to report a worker that died at once) and leaves it
-installed until the process exits. From then on every child that exits (a
-worker, or any ``subprocess.run`` later) delivers a signal that interrupts
-whichever thread receives it, native library threads included. In a process
-that also held OpenVINO compiled models this crashed the interpreter
+installed until the process exits: from then on every child that exits (a
+worker, or any ``subprocess.run`` later) runs torch's check of its workers.
+In a process that also held OpenVINO compiled models this crashed the interpreter
 (SIGSEGV, during the loader or in a later ``subprocess.run``; reproduced with
 three of skproduct's tests, gone when the handler was not installed).
 
